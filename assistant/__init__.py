@@ -1,0 +1,1 @@
+"""Iris core: model loading, vision input, prompts, generation, dialogue and storage."""

@@ -1,0 +1,303 @@
+"""SQLite persistence: conversations, branching messages, attachments stored once by SHA-256.
+
+The schema is an ordered list of migration functions; ``PRAGMA user_version``
+records how many have run. WAL mode lets the CLI and the bot read while the
+other writes. One connection per ``Store`` guarded by a lock, so the Discord
+bot's worker threads can share it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from assistant.errors import ConversationNotFound
+from assistant.messages import ImageAttachment, Message, Role
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated DDL inside the caller's transaction (``executescript`` would commit it)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _m001_initial(db: sqlite3.Connection) -> None:
+    _run_script(db, 
+        """
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            title TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            head_message_id INTEGER,
+            system_prompt TEXT,
+            options TEXT NOT NULL DEFAULT '{}',
+            adapter TEXT,
+            source TEXT NOT NULL DEFAULT 'cli'
+        );
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            parent_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            text TEXT NOT NULL,
+            author TEXT,
+            interrupted INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX messages_by_conversation ON messages(conversation_id);
+        CREATE TABLE attachments (
+            sha256 TEXT PRIMARY KEY,
+            mime TEXT NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            data BLOB NOT NULL
+        );
+        CREATE TABLE message_attachments (
+            message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            sha256 TEXT NOT NULL REFERENCES attachments(sha256),
+            name TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (message_id, position)
+        );
+        """
+    )
+
+
+def _m002_external_ids(db: sqlite3.Connection) -> None:
+    """Front ends (Discord) map their own message ids onto stored messages."""
+    _run_script(db, 
+        """
+        CREATE TABLE external_ids (
+            source TEXT NOT NULL,
+            external_id TEXT NOT NULL,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            message_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
+            PRIMARY KEY (source, external_id)
+        );
+        CREATE TABLE kv (
+            namespace TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (namespace, key)
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_external_ids]
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    id: int
+    title: str
+    created_at: float
+    updated_at: float
+    head_message_id: int | None
+    system_prompt: str | None
+    options: dict[str, Any]
+    adapter: str | None
+    source: str
+    message_count: int = 0
+
+
+class Store:
+    """The one place Iris writes conversations; every public method commits before returning."""
+
+    def __init__(self, path: Path | str) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for index in range(version, len(MIGRATIONS)):
+                MIGRATIONS[index](db)
+                db.execute(f"PRAGMA user_version = {index + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # conversations -------------------------------------------------------
+
+    def create_conversation(self, *, title: str = "", system_prompt: str | None = None,
+                            options: dict[str, Any] | None = None, adapter: str | None = None,
+                            source: str = "cli") -> int:
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO conversations (title, created_at, updated_at, system_prompt, options, adapter, source)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (title, now, now, system_prompt, json.dumps(options or {}), adapter, source),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def conversation(self, conversation_id: int) -> ConversationRecord:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
+                " FROM conversations c WHERE c.id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            raise ConversationNotFound(f"no conversation with id {conversation_id}")
+        return _record(row)
+
+    def list_conversations(self, limit: int = 50, source: str | None = None) -> list[ConversationRecord]:
+        query = ("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
+                 " FROM conversations c")
+        args: tuple[Any, ...] = ()
+        if source:
+            query += " WHERE c.source = ?"
+            args = (source,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?",
+                                    (*args, limit)).fetchall()
+        return [_record(row) for row in rows]
+
+    def latest_conversation_id(self, source: str = "cli") -> int | None:
+        found = self.list_conversations(limit=1, source=source)
+        return found[0].id if found else None
+
+    def update_conversation(self, conversation_id: int, **fields: Any) -> None:
+        """Set any of title, system_prompt, options (dict), adapter, head_message_id."""
+        allowed = {"title", "system_prompt", "options", "adapter", "head_message_id"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"update_conversation takes {sorted(allowed)}")
+        self.conversation(conversation_id)
+        values = {k: json.dumps(v) if k == "options" else v for k, v in fields.items()}
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        with self._transaction() as db:
+            db.execute(f"UPDATE conversations SET {assignments}, updated_at = ? WHERE id = ?",
+                       (*values.values(), time.time(), conversation_id))
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        self.conversation(conversation_id)
+        with self._transaction() as db:
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            db.execute("DELETE FROM attachments WHERE sha256 NOT IN (SELECT sha256 FROM message_attachments)")
+
+    # messages ------------------------------------------------------------
+
+    def add_message(self, conversation_id: int, message: Message, parent_id: int | None = None,
+                    *, use_head: bool = True) -> int:
+        """Append ``message`` after ``parent_id`` (default: the current head) and make it the head."""
+        record = self.conversation(conversation_id)
+        if parent_id is None and use_head:
+            parent_id = record.head_message_id
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO messages (conversation_id, parent_id, role, text, author, interrupted, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, parent_id, message.role.value, message.text, message.author,
+                 int(message.interrupted), now))
+            message_id = int(cursor.lastrowid or 0)
+            for position, image in enumerate(message.images):
+                db.execute("INSERT OR IGNORE INTO attachments (sha256, mime, width, height, data) VALUES (?, ?, ?, ?, ?)",
+                           (image.sha256, image.mime, image.width, image.height, image.data))
+                db.execute("INSERT INTO message_attachments (message_id, position, sha256, name) VALUES (?, ?, ?, ?)",
+                           (message_id, position, image.sha256, image.name))
+            db.execute("UPDATE conversations SET head_message_id = ?, updated_at = ? WHERE id = ?",
+                       (message_id, now, conversation_id))
+        return message_id
+
+    def thread(self, conversation_id: int, head_message_id: int | None = None) -> list[Message]:
+        """The messages from the root to ``head_message_id`` (default: the head), oldest first."""
+        head = head_message_id if head_message_id is not None else self.conversation(conversation_id).head_message_id
+        if head is None:
+            return []
+        with self._lock:
+            rows = self._db.execute(
+                """WITH RECURSIVE chain(id, depth) AS (
+                       SELECT id, 0 FROM messages WHERE id = ? AND conversation_id = ?
+                       UNION ALL
+                       SELECT m.parent_id, chain.depth + 1 FROM messages m JOIN chain ON m.id = chain.id
+                       WHERE m.parent_id IS NOT NULL)
+                   SELECT m.* FROM chain JOIN messages m ON m.id = chain.id ORDER BY chain.depth DESC""",
+                (head, conversation_id)).fetchall()
+            return [self._message(row) for row in rows]
+
+    def _message(self, row: sqlite3.Row) -> Message:
+        images = tuple(
+            ImageAttachment(data=bytes(a["data"]), mime=a["mime"], width=a["width"], height=a["height"],
+                            name=a["name"], sha256=a["sha256"])
+            for a in self._db.execute(
+                "SELECT ma.name, a.* FROM message_attachments ma JOIN attachments a USING (sha256)"
+                " WHERE ma.message_id = ? ORDER BY ma.position", (row["id"],)))
+        return Message(role=Role(row["role"]), text=row["text"], images=images,
+                       interrupted=bool(row["interrupted"]), author=row["author"], id=row["id"])
+
+    def message_conversation(self, message_id: int) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def attachment_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM attachments").fetchone()[0])
+
+    # front-end ids and small settings --------------------------------------
+
+    def link_external(self, source: str, external_id: str, conversation_id: int,
+                      message_id: int | None = None) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO external_ids (source, external_id, conversation_id, message_id)"
+                       " VALUES (?, ?, ?, ?)", (source, external_id, conversation_id, message_id))
+
+    def find_external(self, source: str, external_id: str) -> tuple[int, int | None] | None:
+        """``(conversation_id, message_id)`` linked to a front end's id, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT conversation_id, message_id FROM external_ids"
+                                   " WHERE source = ? AND external_id = ?", (source, external_id)).fetchone()
+        return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
+
+    def put_value(self, namespace: str, key: str, value: Any) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO kv (namespace, key, value) VALUES (?, ?, ?)",
+                       (namespace, key, json.dumps(value)))
+
+    def get_value(self, namespace: str, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE namespace = ? AND key = ?",
+                                   (namespace, key)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+
+def _record(row: sqlite3.Row) -> ConversationRecord:
+    return ConversationRecord(
+        id=row["id"], title=row["title"], created_at=row["created_at"], updated_at=row["updated_at"],
+        head_message_id=row["head_message_id"], system_prompt=row["system_prompt"],
+        options=json.loads(row["options"]), adapter=row["adapter"], source=row["source"],
+        message_count=row["message_count"])
