@@ -1,0 +1,1 @@
+"""LoRA adapters: training data formats, synthetic data, training, manifests and export."""
