@@ -15,7 +15,7 @@ from typing import Any
 
 from assistant.errors import BadSetting
 
-QUANT_CHOICES = ("4bit", "8bit", "int8", "none", "auto")
+QUANT_CHOICES = ("4bit", "8bit", "none", "auto")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class GenerationOptions:
     top_p: float = 0.9
     top_k: int = 50
     max_new_tokens: int = 512
-    repetition_penalty: float = 1.1
+    repetition_penalty: float = 1.0
     seed: int | None = None
 
     def with_setting(self, name: str, value: str) -> GenerationOptions:
@@ -126,7 +126,7 @@ class Settings:
 
     model: ModelOptions = field(default_factory=ModelOptions)
     generation: GenerationOptions = field(default_factory=GenerationOptions)
-    system_prompt: str = "You are Iris, a helpful assistant that can see images."
+    system_prompt: str = "You are a helpful AI assistant named Iris."
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
 

@@ -1,0 +1,220 @@
+"""The ``iris`` typer app: chat, ask, info and history (training, data and Discord register here too)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from assistant.config import Paths
+from assistant.errors import IrisError
+from assistant.export import export_llava
+from assistant.messages import Message, Role
+from assistant.vision import load_image_path
+from cli import runtime
+
+app = typer.Typer(help="Iris: a local multimodal assistant.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+history_app = typer.Typer(help="List, show, export and delete stored conversations.", no_args_is_help=True)
+app.add_typer(history_app, name="history")
+
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="HF model dir, hub id or .gguf file "
+                                                 "(default: the embedded SmolLM2-135M-Instruct).")]
+QuantOption = Annotated[str | None, typer.Option("--quant", help="4bit | 8bit | none (default: 4bit on CUDA, "
+                                                 "none on CPU).")]
+AdapterOption = Annotated[list[str] | None, typer.Option("--adapter", help="LoRA adapter directory (repeatable).")]
+TrustPickleOption = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle (.bin) adapter weights.")]
+
+
+def fail(error: IrisError) -> typer.Exit:
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {error}", highlight=False)
+    return typer.Exit(1)
+
+
+@app.command()
+def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None,
+         trust_pickle: TrustPickleOption = False,
+         resume: Annotated[str | None, typer.Option("--resume", help="Continue conversation ID "
+                                                    "(or 'last').")] = None,
+         system: Annotated[str | None, typer.Option("--system", help="System prompt for a new conversation.")] = None,
+         plain: Annotated[bool, typer.Option("--plain", help="Print answers as plain text, not Markdown.")] = False,
+         ) -> None:
+    """Chat in the terminal; attach images with /image PATH or by typing their paths."""
+    from cli.chat import ChatSession, print_transcript
+    from cli.prompt_input import make_reader
+
+    paths = Paths.default()
+    console = Console()
+    try:
+        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
+                                            trust_pickle=trust_pickle, system=system)
+        manager, store = runtime.open_manager(settings, paths)
+    except IrisError as error:
+        raise fail(error) from None
+    try:
+        if resume is not None:
+            conversation_id = store.latest_conversation_id() if resume == "last" else _parse_id(resume)
+            if conversation_id is None:
+                raise fail(IrisError("no stored conversation to resume"))
+            manager.conversation(conversation_id)
+            print_transcript(console, manager.history(conversation_id))
+        else:
+            conversation_id = manager.new_conversation()
+        info = manager.backend.describe()
+        console.print(f"[bold]Iris[/bold] · {info['model']} · {info['device']} · {info['quantization']} · "
+                      f"conversation #{conversation_id} · /help for commands", highlight=False)
+        session = ChatSession(manager, conversation_id, console, make_reader(paths.input_history),
+                              max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
+                              markdown=not plain and console.is_terminal)
+        session.run()
+    except IrisError as error:
+        raise fail(error) from None
+    finally:
+        store.close()
+
+
+def _parse_id(text: str) -> int:
+    if not text.isdigit():
+        raise fail(IrisError(f"conversation id must be a number or 'last', got {text!r}"))
+    return int(text)
+
+
+@app.command()
+def ask(question: Annotated[str, typer.Argument(help="The question.")],
+        image: Annotated[list[Path] | None, typer.Option("--image", "-i", help="Image file (repeatable).")] = None,
+        model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None,
+        trust_pickle: TrustPickleOption = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record instead of the text.")] = False,
+        temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0 = greedy).")] = None,
+        max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens.")] = None,
+        system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None) -> None:
+    """Answer one question (with optional images) and print only the answer."""
+    paths = Paths.default()
+    try:
+        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
+                                            trust_pickle=trust_pickle, system=system)
+        images = [load_image_path(p, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+                  for p in image or []]
+        manager, store = runtime.open_manager(settings, paths)
+    except IrisError as error:
+        raise fail(error) from None
+    try:
+        conversation_id = manager.new_conversation(source="ask", title=question[:60])
+        if temperature is not None:
+            manager.set_option(conversation_id, "temperature", str(temperature))
+        if max_new_tokens is not None:
+            manager.set_option(conversation_id, "max_new_tokens", str(max_new_tokens))
+        started = time.perf_counter()
+        turn = manager.send(conversation_id, question, images)
+        if as_json:
+            answer = turn.run()
+            record = {"answer": answer.strip(), "conversation_id": conversation_id,
+                      "model": manager.backend.describe()["model"], "prompt_tokens": turn.prompt_tokens,
+                      "images": [{"name": i.name, "sha256": i.sha256, "width": i.width, "height": i.height}
+                                 for i in images], "notices": turn.notices,
+                      "seconds": round(time.perf_counter() - started, 3)}
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            for chunk in turn:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except IrisError as error:
+        raise fail(error) from None
+    finally:
+        store.close()
+
+
+@app.command()
+def info(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None,
+         trust_pickle: TrustPickleOption = False) -> None:
+    """Show the model, device, quantization, memory and context length."""
+    paths = Paths.default()
+    try:
+        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
+                                            trust_pickle=trust_pickle)
+        backend = runtime.open_backend(settings, paths)
+    except IrisError as error:
+        raise fail(error) from None
+    details = backend.describe()
+    console = Console()
+    for key, value in details.items():
+        if key == "memory_bytes":
+            value = f"{value / 2**20:.1f} MiB"
+        elif isinstance(value, list):
+            value = ", ".join(value) or "none"
+        console.print(f"{key.replace('_', ' ')}: {value}", highlight=False)
+    console.print(f"data: {paths.database}", highlight=False)
+
+
+def _with_store(action):  # type: ignore[no-untyped-def]
+    from assistant.store import Store
+
+    store = Store(Paths.default().database)
+    try:
+        return action(store)
+    except IrisError as error:
+        raise fail(error) from None
+    finally:
+        store.close()
+
+
+@history_app.command("list")
+def history_list() -> None:
+    """Stored conversations, newest first."""
+    from cli.chat import print_conversation_list
+
+    _with_store(lambda store: print_conversation_list(Console(), store))
+
+
+@history_app.command("show")
+def history_show(conversation_id: int) -> None:
+    """Print one conversation."""
+    from cli.chat import print_transcript
+
+    def show(store):  # type: ignore[no-untyped-def]
+        record = store.conversation(conversation_id)
+        console = Console()
+        if record.system_prompt:
+            console.print(f"system: {record.system_prompt}", markup=False, highlight=False)
+        print_transcript(console, store.thread(conversation_id))
+
+    _with_store(show)
+
+
+@history_app.command("export")
+def history_export(conversation_id: int,
+                   out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write into.")]) -> None:
+    """Write a conversation as LLaVA JSON (dataset.json + images/) for training."""
+
+    def export(store):  # type: ignore[no-untyped-def]
+        record = store.conversation(conversation_id)
+        messages = store.thread(conversation_id)
+        if record.system_prompt:
+            messages = [Message(Role.SYSTEM, record.system_prompt), *messages]
+        if out.exists() and not out.is_dir():
+            raise IrisError(f"{out}: exists and is not a directory")
+        target = export_llava([(f"conversation-{conversation_id}", messages)], out)
+        Console().print(f"wrote {target}", highlight=False)
+
+    _with_store(export)
+
+
+@history_app.command("delete")
+def history_delete(conversation_id: int) -> None:
+    """Delete a conversation (its images too, unless another conversation uses them)."""
+
+    def delete(store):  # type: ignore[no-untyped-def]
+        store.delete_conversation(conversation_id)
+        Console().print(f"deleted conversation #{conversation_id}")
+
+    _with_store(delete)
+
+
+def main() -> None:
+    app()

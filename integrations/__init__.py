@@ -1,0 +1,1 @@
+"""Front ends other than the terminal: each one drives the shared ``DialogueManager``."""

@@ -1,0 +1,106 @@
+"""Discord places and messages → stored conversations, and each channel's persona.
+
+Every Discord message the bot takes part in (the user's and its own) is linked
+to ``(conversation_id, stored message id)`` in the store, so a reply to any of
+them, even after a restart, continues that conversation from that message
+(branching when it is an old one). A channel, thread or DM also has a *current*
+conversation that plain mentions continue and ``/reset`` replaces; new ones take
+the channel's persona (system prompt, adapter, sampling), set by admins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from assistant.config import GenerationOptions
+from assistant.dialogue import DialogueManager
+
+SOURCE = "discord"
+PERSONA_NAMESPACE = "discord.channel"
+
+
+@dataclass(frozen=True)
+class Persona:
+    """What an admin bound to a channel; ``None`` fields fall back to the bot's defaults."""
+
+    system_prompt: str | None = None
+    adapter: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"system_prompt": self.system_prompt, "adapter": self.adapter, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a new user message goes; ``parent_id`` None means after the conversation's head."""
+
+    conversation_id: int
+    parent_id: int | None
+
+
+class Conversations:
+    """The mapping, kept entirely in the store so a restarted bot picks up where it was."""
+
+    def __init__(self, manager: DialogueManager) -> None:
+        self._manager = manager
+        self._store = manager.store
+
+    # personas --------------------------------------------------------------
+
+    def persona(self, channel_id: int, parent_id: int | None = None) -> Persona:
+        """The channel's persona, else its parent's (a thread inherits its channel's)."""
+        for key in (channel_id, parent_id):
+            if key is not None:
+                raw = self._store.get_value(PERSONA_NAMESPACE, str(key))
+                if raw is not None:
+                    return Persona(raw.get("system_prompt"), raw.get("adapter"), dict(raw.get("options", {})))
+        return Persona()
+
+    def set_persona(self, channel_id: int, persona: Persona) -> None:
+        self._store.put_value(PERSONA_NAMESPACE, str(channel_id), persona.as_dict())
+
+    # conversations ---------------------------------------------------------
+
+    def current(self, channel_id: int) -> int | None:
+        found = self._store.find_external(SOURCE, f"channel:{channel_id}")
+        return None if found is None else found[0]
+
+    def start(self, channel_id: int, *, title: str = "", parent_id: int | None = None) -> int:
+        """A new current conversation for the channel, with its persona."""
+        persona = self.persona(channel_id, parent_id)
+        options = self._manager.default_options
+        for name, value in persona.options.items():
+            options = options.with_setting(name, str(value))
+        conversation_id = self._manager.new_conversation(
+            title=title[:80], system_prompt=persona.system_prompt, options=options, adapter=persona.adapter,
+            source=SOURCE)
+        self._store.link_external(SOURCE, f"channel:{channel_id}", conversation_id)
+        return conversation_id
+
+    def current_or_start(self, channel_id: int, *, title: str = "", parent_id: int | None = None) -> int:
+        return self.current(channel_id) or self.start(channel_id, title=title, parent_id=parent_id)
+
+    def target(self, channel_id: int, reply_to: int | None, *, title: str = "",
+               parent_id: int | None = None) -> Target:
+        """A reply to a known message continues from it; anything else continues the channel's current one."""
+        if reply_to is not None:
+            found = self._store.find_external(SOURCE, str(reply_to))
+            if found is not None:
+                return Target(*found)
+        return Target(self.current_or_start(channel_id, title=title, parent_id=parent_id), None)
+
+    def is_known(self, discord_message_id: int) -> bool:
+        return self._store.find_external(SOURCE, str(discord_message_id)) is not None
+
+    def link(self, discord_message_ids: Iterable[int], conversation_id: int, message_id: int | None) -> None:
+        for discord_id in discord_message_ids:
+            self._store.link_external(SOURCE, str(discord_id), conversation_id, message_id)
+
+    @staticmethod
+    def options_with(persona: Persona, name: str, value: str) -> dict[str, Any]:
+        """The persona's options plus one validated setting (``BadSetting`` if invalid)."""
+        GenerationOptions().with_setting(name, value)
+        return {**persona.options, name: value}

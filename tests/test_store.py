@@ -1,0 +1,93 @@
+"""SQLite store: migrations, WAL, branching threads, attachments by hash, front-end ids."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from assistant.errors import ConversationNotFound
+from assistant.messages import Message, Role
+from assistant.store import MIGRATIONS, Store
+from assistant.vision import load_image_path
+
+
+def test_fresh_store_runs_every_migration_in_wal_mode(tmp_path: Path) -> None:
+    store = Store(tmp_path / "iris.db")
+    assert store.schema_version == len(MIGRATIONS)
+    store.close()
+    raw = sqlite3.connect(tmp_path / "iris.db")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"conversations", "messages", "attachments", "message_attachments", "external_ids"} <= tables
+
+
+def test_reopening_migrates_an_older_database_without_losing_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("BEGIN")
+    MIGRATIONS[0](raw)
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute("INSERT INTO conversations (title, created_at, updated_at) VALUES ('kept', 1, 1)")
+    raw.execute("COMMIT")
+    raw.close()
+    store = Store(path)
+    assert store.schema_version == len(MIGRATIONS)
+    assert store.conversation(1).title == "kept"
+    store.link_external("discord", "42", 1)
+    assert store.find_external("discord", "42") == (1, None)
+
+
+def test_thread_follows_parent_links_so_conversations_can_branch(store: Store) -> None:
+    cid = store.create_conversation()
+    first = store.add_message(cid, Message(Role.USER, "hi"))
+    answer = store.add_message(cid, Message(Role.ASSISTANT, "hello"))
+    store.add_message(cid, Message(Role.USER, "branch A"))
+    branch_b = store.add_message(cid, Message(Role.USER, "branch B"), parent_id=answer)
+    assert [m.text for m in store.thread(cid)] == ["hi", "hello", "branch B"]
+    assert [m.id for m in store.thread(cid, first)] == [first]
+    assert store.conversation(cid).head_message_id == branch_b
+    assert store.conversation(cid).message_count == 4
+
+
+def test_attachments_are_stored_once_by_hash_with_their_bytes(store: Store, sample_png: Path) -> None:
+    image = load_image_path(sample_png)
+    cid = store.create_conversation()
+    store.add_message(cid, Message(Role.USER, "one", (image,)))
+    store.add_message(cid, Message(Role.USER, "two", (image, image)))
+    assert store.attachment_count() == 1
+    sample_png.unlink()  # the store keeps the bytes, not the path
+    restored = store.thread(cid)[-1].images
+    assert [i.sha256 for i in restored] == [image.sha256, image.sha256]
+    assert restored[0].data == image.data and restored[0].width == 64
+
+
+def test_delete_removes_messages_and_orphaned_images_only(store: Store, sample_png: Path, sample_jpg: Path) -> None:
+    png, jpg = load_image_path(sample_png), load_image_path(sample_jpg)
+    keep, drop = store.create_conversation(), store.create_conversation()
+    store.add_message(keep, Message(Role.USER, "keep", (png,)))
+    store.add_message(drop, Message(Role.USER, "drop", (png, jpg)))
+    store.delete_conversation(drop)
+    assert store.attachment_count() == 1
+    with pytest.raises(ConversationNotFound):
+        store.thread(drop)
+    assert store.thread(keep)[0].images[0].sha256 == png.sha256
+
+
+def test_unknown_conversation_is_a_clear_error(store: Store) -> None:
+    with pytest.raises(ConversationNotFound, match="no conversation with id 99"):
+        store.conversation(99)
+
+
+def test_data_survives_a_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path / "iris.db")
+    cid = store.create_conversation(title="t", options={"temperature": 0.2})
+    store.add_message(cid, Message(Role.USER, "persist me", author="ana"))
+    store.put_value("discord.channel", "7", {"system": "pirate"})
+    store.close()
+    reopened = Store(tmp_path / "iris.db")
+    assert reopened.thread(cid)[0].author == "ana"
+    assert reopened.conversation(cid).options == {"temperature": 0.2}
+    assert reopened.get_value("discord.channel", "7") == {"system": "pirate"}
+    assert reopened.latest_conversation_id() == cid
