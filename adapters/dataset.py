@@ -159,7 +159,7 @@ def _messages(record: Any, base: Path, cache: dict[Path, ImageAttachment]) -> tu
             issues.append(f"turn {number}: {problem}")
             continue
         if IMAGE_MARKER in text and role is not Role.USER:
-            issues.append(f"turn {number}: {IMAGE_MARKER} in a {role} turn (only user turns carry images)")
+            issues.append(f"turn {number} ({role.value}): {IMAGE_MARKER} may only appear in user turns")
         turns.append((role, text))
     markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
     if len(turns) == len(raw_turns) and markers != len(names):

@@ -39,7 +39,8 @@ def test_llava_json_attaches_each_image_to_the_user_turn_holding_its_marker(data
             {"from": "gpt", "value": "Which one?"},
             {"from": "human", "value": "this one <image>"},
             {"from": "gpt", "value": "Coffee is not a person."}]},
-        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"},
+                                              {"from": "gpt", "value": "Hello"}]},
     ]))
 
     first, second, third = read_dataset(data_dir)
@@ -73,7 +74,7 @@ def test_messages_jsonl_with_string_and_typed_part_content(data_dir: Path) -> No
     assert first.source == f"{data_file}:1" and second.source == f"{data_file}:3"  # blank line 2 skipped
     assert first.messages[0].text == "Describe it." and first.messages[0].images[0].mime == "image/jpeg"
     assert second.messages[0].text == "And this?" and second.messages[0].images[0].mime == "image/png"
-    assert second.messages[1] .text == "An astronaut."
+    assert second.messages[1].text == "An astronaut."
 
 
 def test_check_reports_every_problem_with_its_line(data_dir: Path) -> None:
@@ -93,8 +94,9 @@ def test_check_reports_every_problem_with_its_line(data_dir: Path) -> None:
     problems = check_dataset(data_dir)
 
     assert len(problems) == 6, problems
-    expected = ["invalid JSON", "missing.png: no such file", "unknown role 'robot'", "1 <image> marker(s) but 0",
-                "no assistant turn", "<image> in a assistant turn"]
+    expected = ["invalid JSON", "missing.png: no such file", "unknown role 'robot'",
+                "1 <image> marker(s) but 0", "no assistant turn",
+                "turn 2 (assistant): <image> may only appear in user turns"]
     for line, (problem, fragment) in enumerate(zip(problems, expected, strict=True), start=2):
         assert problem.startswith(f"{data_file}:{line}: ") and fragment in problem, problem
         assert "\n" not in problem
