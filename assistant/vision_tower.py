@@ -40,8 +40,9 @@ CHECK_IMAGES = ("astronaut", "coffee", "chelsea")
 # The ONNX graph's final layernorm output, i.e. Dinov2Model's last_hidden_state.
 ONNX_LAST_HIDDEN = "/backbone/layernorm/Add_1_output_0"
 # ViT-S/14 as DINOv2 trained it (518 px = 37x37 patch grid of position embeddings).
-DINOV2_VITS14 = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4,
-                 "patch_size": 14, "image_size": 518, "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+DINOV2_VITS14: dict[str, Any] = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                                 "mlp_ratio": 4, "patch_size": 14, "image_size": 518, "layer_norm_eps": 1e-6,
+                                 "hidden_act": "gelu"}
 # Names in the ONNX export (transformers 4.x) -> names of transformers 5.x Dinov2Model.
 ATTENTION_RENAMES = {
     "attention.attention.query.": "attention.q_proj.",
