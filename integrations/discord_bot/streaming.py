@@ -179,7 +179,9 @@ class ReplyStream:
             return
         channel = self.anchor.channel
         if live is None:
-            reference = self.anchor.to_reference(fail_if_not_exists=False) if not self.messages else None
+            # each part replies to the one before, so the answer reads as one chain under the question
+            reference = (self.messages[-1] if self.messages else self.anchor).to_reference(
+                fail_if_not_exists=False)
             sent = await self._pacer.call(channel.id, lambda: channel.send(
                 content, reference=reference, mention_author=False, allowed_mentions=NO_MENTIONS))
             self.messages.append(sent)

@@ -1,0 +1,219 @@
+"""Shared dpytest harness for the Discord tests and ``bench/discord_load.py`` (it holds no tests).
+
+It starts an ``IrisBot`` on dpytest's fake gateway and HTTP client, posts
+messages (with mentions, replies and attachments) through discord.py's own
+``parse_message_create`` dispatch, invokes slash commands through
+``parse_interaction_create`` and the real ``CommandTree``, and records every
+send, edit and interaction response with its payload, so tests can check the
+final text of each reply, ``allowed_mentions`` on every request, and pacing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import discord
+import discord.abc
+import discord.ext.test as dpytest
+from discord.ext.test import backend as back
+from discord.ext.test import callbacks
+from discord.ext.test import factories as facts
+from discord.webhook import async_ as webhook_async
+
+from assistant.dialogue import DialogueManager
+from integrations.discord_bot.bot import IrisBot, bot_intents
+from integrations.discord_bot.settings import DiscordSettings
+
+FAST = {"edits_per_window": 50, "edit_window_s": 0.1, "sync_commands": False, "shutdown_grace_s": 2.0}
+
+
+def fast_settings(**overrides: Any) -> DiscordSettings:
+    """Settings for tests: quick pacing, no command sync over the network."""
+    return DiscordSettings(**{**FAST, **overrides})
+
+
+@dataclass
+class Transcript:
+    """Everything the bot asked Discord to do, in order."""
+
+    payloads: list[dict[str, Any]] = field(default_factory=list)  # every send, edit and interaction response
+    content: dict[int, str] = field(default_factory=dict)  # bot message id -> latest content
+    reference: dict[int, int] = field(default_factory=dict)  # bot message id -> message it replies to
+    channel_ops: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    edits: int = 0
+    interaction_replies: list[str] = field(default_factory=list)
+    _pending_sends: list[dict[str, Any]] = field(default_factory=list)
+
+    def replies_to(self, message_id: int) -> list[str]:
+        """The final text of each bot message answering ``message_id`` (a split answer has several)."""
+        parts: list[str] = []
+        current = message_id
+        while True:
+            following = [bot_id for bot_id, ref in self.reference.items() if ref == current]
+            if not following:
+                return parts
+            current = min(following)
+            parts.append(self.content[current])
+
+    def reply_to(self, message_id: int) -> str:
+        return "\n".join(self.replies_to(message_id))
+
+
+class _FakeInteractionAdapter:
+    """Stands in for the webhook adapter that would POST interaction responses to Discord."""
+
+    def __init__(self, transcript: Transcript) -> None:
+        self.transcript = transcript
+
+    async def create_interaction_response(self, interaction_id: int, token: str, **kwargs: Any) -> dict[str, Any]:
+        payload = kwargs["params"].payload
+        self.transcript.payloads.append(payload.get("data", {}))
+        self.transcript.interaction_replies.append(payload.get("data", {}).get("content", ""))
+        return {"interaction": {"id": str(interaction_id), "type": 2}}
+
+
+class Harness:
+    """One bot on dpytest's fake Discord; ``members`` are plain users, index 0 first."""
+
+    def __init__(self, bot: IrisBot) -> None:
+        self.bot = bot
+        self.transcript = Transcript()
+        self._real_params = discord.abc.handle_message_parameters
+
+    @classmethod
+    async def start(cls, manager: DialogueManager, settings: DiscordSettings | None = None, *,
+                    members: int = 3, text_channels: int = 1, **bot_kwargs: Any) -> Harness:
+        intents = bot_intents()
+        intents.members = True  # dpytest resolves mentions through the member cache
+        bot = IrisBot(manager, settings or fast_settings(), intents=intents, **bot_kwargs)
+        dpytest.configure(bot, members=members, text_channels=text_channels)
+        await bot._async_setup_hook()  # binds the fake state to the running loop
+        bot._connection._command_tree = bot.tree
+        harness = cls(bot)
+        harness._install()
+        await bot.setup_hook()
+        return harness
+
+    def _install(self) -> None:
+        transcript = self.transcript
+        real = self._real_params
+
+        def recording_params(*args: Any, **kwargs: Any) -> Any:
+            params = real(*args, **kwargs)
+            transcript._pending_sends.append(params.payload)
+            return params
+
+        async def on_send(message: discord.Message) -> None:
+            payload = transcript._pending_sends.pop(0)
+            transcript.payloads.append(payload)
+            transcript.content[message.id] = message.content
+            reference = payload.get("message_reference")
+            if reference:
+                transcript.reference[message.id] = int(reference["message_id"])
+            transcript.channel_ops[message.channel.id].append(time.monotonic())
+
+        async def on_edit(channel: Any, message: discord.Message, fields: dict[str, Any]) -> None:
+            payload = fields["params"].payload
+            transcript.payloads.append(payload)
+            transcript.content[message.id] = payload["content"]
+            transcript.channel_ops[channel.id].append(time.monotonic())
+            transcript.edits += 1
+
+        discord.abc.handle_message_parameters = recording_params  # type: ignore[assignment]
+        callbacks.set_callback(on_send, "send_message")
+        callbacks.set_callback(on_edit, "edit_message")
+        webhook_async.async_context.set(_FakeInteractionAdapter(transcript))  # type: ignore[arg-type]
+
+    # the fake Discord -----------------------------------------------------
+
+    @property
+    def config(self) -> dpytest.RunnerConfig:
+        return dpytest.get_config()
+
+    def member(self, index: int) -> discord.Member:
+        return self.config.members[index]
+
+    def channel(self, index: int = 0) -> discord.TextChannel:
+        return [c for c in self.config.channels if isinstance(c, discord.TextChannel)][index]
+
+    async def say(self, text: str, *, member: int | discord.abc.User = 0, channel: Any = 0, mention: bool = True,
+                  reply_to: discord.Message | int | None = None, files: Sequence[Path] = (),
+                  settle: bool = True) -> discord.Message:
+        """Post a message as a user, dispatched like a gateway MESSAGE_CREATE."""
+        author = self.member(member) if isinstance(member, int) else member
+        place = self.channel(channel) if isinstance(channel, int) else channel
+        assert self.bot.user is not None
+        content = f"{self.bot.user.mention} {text}" if mention else text
+        guild = getattr(place, "guild", None)
+        attachments = [back.make_attachment(Path(path)) for path in files]
+        data = facts.make_message_dict(place, author, content=content, attachments=attachments,
+                                       mentions=back.find_user_mentions(content, guild),
+                                       **({"guild_id": guild.id} if guild is not None else {}))
+        if reply_to is not None:
+            target_id = reply_to if isinstance(reply_to, int) else reply_to.id
+            data["message_reference"] = {"message_id": target_id, "channel_id": place.id}
+            stored = back._cur_config.messages.get(place.id, [])
+            data["referenced_message"] = next(m for m in stored if m["id"] == target_id)
+        state = back.get_state()
+        state.parse_message_create(data)
+        back._cur_config.messages.setdefault(place.id, []).append(data)
+        await dpytest.run_all_events()
+        if settle:
+            await self.settle()
+        message = state._get_message(data["id"])
+        assert message is not None
+        return message
+
+    async def settle(self) -> None:
+        """Until the bot has finished every answer it started."""
+        await dpytest.run_all_events()
+        await self.bot.wait_idle()
+
+    async def react(self, member: int, message_id: int, emoji: str = "⏹") -> None:
+        message = await self.channel_of(message_id).fetch_message(message_id)
+        await dpytest.add_reaction(self.member(member), message, emoji)
+
+    def channel_of(self, message_id: int) -> Any:
+        for channel_id, messages in back._cur_config.messages.items():
+            if any(m["id"] == message_id for m in messages):
+                return back.get_state().get_channel(channel_id)
+        raise KeyError(message_id)
+
+    async def slash(self, name: str, *, member: int = 0, channel: int = 0, **options: str) -> str:
+        """Invoke a slash command through the bot's CommandTree; returns the response text."""
+        author = self.member(member)
+        place = self.channel(channel)
+        before = len(self.transcript.interaction_replies)
+        assert self.bot.user is not None
+        data = {
+            "id": str(facts.make_id()), "application_id": str(self.bot.user.id), "type": 2, "token": "t",
+            "version": 1, "guild_id": str(place.guild.id), "attachment_size_limit": 8_000_000,
+            "channel": {"id": str(place.id), "type": 0, "guild_id": str(place.guild.id), "name": place.name},
+            "member": facts.dict_from_member(author),
+            "data": {"id": str(facts.make_id()), "name": name, "type": 1,
+                     "options": [{"name": key, "type": 3, "value": value} for key, value in options.items()]},
+        }
+        back.get_state().parse_interaction_create(data)  # type: ignore[arg-type]
+        for _ in range(100):
+            invokers = [t for t in asyncio.all_tasks() if t.get_name() == "CommandTree-invoker"]
+            if invokers:
+                await asyncio.gather(*invokers)
+            if len(self.transcript.interaction_replies) > before:
+                return self.transcript.interaction_replies[-1]
+            await asyncio.sleep(0)
+        raise AssertionError(f"/{name} gave no response")
+
+    async def close(self) -> None:
+        """Shut the bot down like SIGTERM would, and undo the harness's patches."""
+        try:
+            await self.settle()
+            self.bot.ws = None  # dpytest's fake socket cannot be closed
+            await self.bot.close()
+        finally:
+            discord.abc.handle_message_parameters = self._real_params  # type: ignore[assignment]
