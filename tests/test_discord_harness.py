@@ -176,14 +176,15 @@ class Harness:
         await self.bot.wait_idle()
 
     async def react(self, member: int, message_id: int, emoji: str = "⏹") -> None:
-        message = await self.channel_of(message_id).fetch_message(message_id)
-        await dpytest.add_reaction(self.member(member), message, emoji)
-
-    def channel_of(self, message_id: int) -> Any:
-        for channel_id, messages in back._cur_config.messages.items():
-            if any(m["id"] == message_id for m in messages):
-                return back.get_state().get_channel(channel_id)
-        raise KeyError(message_id)
+        """A MESSAGE_REACTION_ADD from a user (dpytest's own helper lacks the ``type`` discord.py 2.7 reads)."""
+        channel_id = next(channel for channel, messages in back._cur_config.messages.items()
+                          if any(m["id"] == message_id for m in messages))
+        author = self.member(member)
+        data = {"message_id": message_id, "channel_id": channel_id, "user_id": author.id, "type": 0,
+                "emoji": {"id": None, "name": emoji}, "guild_id": author.guild.id,
+                "member": facts.dict_from_member(author), "burst": False}
+        back.get_state().parse_message_reaction_add(data)  # type: ignore[arg-type]
+        await dpytest.run_all_events()
 
     async def slash(self, name: str, *, member: int = 0, channel: int = 0, **options: str) -> str:
         """Invoke a slash command through the bot's CommandTree; returns the response text."""

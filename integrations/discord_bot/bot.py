@@ -106,6 +106,7 @@ class IrisBot(commands.Bot):
         if not self._shut_down:
             self._shut_down = True
             await self.answerer.shutdown(set(self._tasks), self.settings.shutdown_grace_s)
+            await self.wait_idle()  # messages that arrived meanwhile, each told the bot is going away
         await super().close()
 
 
