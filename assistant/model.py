@@ -139,7 +139,8 @@ def base_fingerprint(config: Any) -> str:
     identity = {key: getattr(text, key, None) for key in keys}
     vision = getattr(config, "vision_config", None)
     if vision is not None:
-        identity["vision"] = {key: getattr(vision, key, None) for key in ("model_type", "hidden_size", "num_hidden_layers")}
+        vision_keys = ("model_type", "hidden_size", "num_hidden_layers")
+        identity["vision"] = {key: getattr(vision, key, None) for key in vision_keys}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -180,8 +181,7 @@ def _resolve_source(options: ModelOptions, paths: Paths, progress: Progress) -> 
 def load(options: ModelOptions, paths: Paths | None = None, progress: Progress = _quiet) -> LoadedModel:
     """Load the model, tokenizer/processor and adapters ``options`` names; errors are ``IrisError``s."""
     import torch
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                              AutoTokenizer)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     paths = paths or Paths.default()
     source, name = _resolve_source(options, paths, progress)
@@ -256,6 +256,33 @@ def check_adapter_dir(path: Path, fingerprint: str, *, trust_pickle: bool = Fals
     return config
 
 
+def check_adapter_weights(path: Path, base: Any) -> None:
+    """Compare every LoRA tensor with the module it adapts, before PEFT modifies the model in place."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a trusted pickle: PEFT's own loading reports mismatches
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise BadAdapter(f"{path}: corrupt adapter weights ({_first_line(exc)[:120]})") from None
+    modules = dict(base.named_modules())
+    for key, shape in shapes.items():
+        for kind, axis in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+            if not key.endswith(kind):
+                continue
+            module_name = key.removeprefix("base_model.model.").removesuffix(kind)
+            module = modules.get(module_name)
+            if module is None:
+                raise AdapterMismatch(f"{path}: adapter does not fit this base model (no module {module_name})")
+            expected = getattr(module, "in_features" if axis == 1 else "out_features", None)
+            if expected is not None and shape[axis] != expected:
+                raise AdapterMismatch(f"{path}: adapter does not fit this base model ({module_name} is "
+                                      f"{expected} wide, the adapter expects {shape[axis]})")
+
+
 def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = None,
                    trust_pickle: bool = False) -> str:
     """Attach a LoRA adapter to the (possibly quantized) base without merging; returns its name."""
@@ -266,6 +293,8 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
     name = name or path.name
     if name in loaded.adapters:
         raise BadAdapter(f"an adapter named {name!r} is already loaded")
+    base = loaded.model.get_base_model() if isinstance(loaded.model, PeftModel) else loaded.model
+    check_adapter_weights(path, base)
     try:
         if isinstance(loaded.model, PeftModel):
             loaded.model.load_adapter(str(path), adapter_name=name, is_trainable=False)

@@ -30,7 +30,7 @@ def _run_script(db: sqlite3.Connection, script: str) -> None:
 
 
 def _m001_initial(db: sqlite3.Connection) -> None:
-    _run_script(db, 
+    _run_script(db,
         """
         CREATE TABLE conversations (
             id INTEGER PRIMARY KEY,
@@ -74,7 +74,7 @@ def _m001_initial(db: sqlite3.Connection) -> None:
 
 def _m002_external_ids(db: sqlite3.Connection) -> None:
     """Front ends (Discord) map their own message ids onto stored messages."""
-    _run_script(db, 
+    _run_script(db,
         """
         CREATE TABLE external_ids (
             source TEXT NOT NULL,
@@ -225,7 +225,8 @@ class Store:
                  int(message.interrupted), now))
             message_id = int(cursor.lastrowid or 0)
             for position, image in enumerate(message.images):
-                db.execute("INSERT OR IGNORE INTO attachments (sha256, mime, width, height, data) VALUES (?, ?, ?, ?, ?)",
+                db.execute("INSERT OR IGNORE INTO attachments (sha256, mime, width, height, data)"
+                           " VALUES (?, ?, ?, ?, ?)",
                            (image.sha256, image.mime, image.width, image.height, image.data))
                 db.execute("INSERT INTO message_attachments (message_id, position, sha256, name) VALUES (?, ?, ?, ?)",
                            (message_id, position, image.sha256, image.name))

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from assistant.config import Paths
 from assistant.errors import IrisError
@@ -32,7 +33,7 @@ TrustPickleOption = Annotated[bool, typer.Option("--trust-pickle", help="Allow p
 
 
 def fail(error: IrisError) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {error}", highlight=False)
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.markup import escape
 
 from assistant.dialogue import DialogueManager
 from assistant.errors import BadCommand, IrisError
@@ -103,7 +104,7 @@ class ChatSession:
                     return command(argument.strip())
             self._send(line)
         except IrisError as error:
-            self.console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
+            self.console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return True
 
     # sending -------------------------------------------------------------
@@ -111,7 +112,7 @@ class ChatSession:
     def _attach(self, path: Path) -> ImageAttachment:
         image = load_image_path(path, **self._caps)
         cost = self.manager.image_token_cost(image)
-        self.console.print(f"[green]attached[/green] {path.name} ({image.width}x{image.height}, "
+        self.console.print(f"[green]attached[/green] {escape(path.name)} ({image.width}x{image.height}, "
                            f"{len(image.data) / 1024:.0f} KB, {cost} tokens)", highlight=False)
         return image
 

@@ -10,9 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from fakes import FakeBackend  # noqa: E402
+
 from assistant.dialogue import DialogueManager  # noqa: E402
 from assistant.store import Store  # noqa: E402
-from fakes import FakeBackend  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

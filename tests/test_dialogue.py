@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fakes import FakeBackend
 
 from assistant.dialogue import DialogueManager, fit_to_context
 from assistant.errors import BadAdapter, BadSetting, ContextTooLong, ImagesNotSupported
 from assistant.messages import Message, Role
 from assistant.store import Store
 from assistant.vision import load_image_path
-from fakes import FakeBackend
 
 
 def test_a_turn_streams_chunks_and_commits_the_answer(manager: DialogueManager, backend: FakeBackend) -> None:

@@ -62,8 +62,13 @@ def save_tiny_llava(directory: Path, image_size: int = 28, patch_size: int = 14,
                     seed: int = 0) -> Path:
     """A tiny random LLaVA: CLIP vision tower (patch 14) → MLP projector → Llama, plus its processor."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()

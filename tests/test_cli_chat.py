@@ -1,0 +1,164 @@
+"""``iris chat`` driven with scripted keyboard input through prompt_toolkit's pipe input."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from fakes import FakeBackend
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from rich.console import Console
+from typer.testing import CliRunner
+
+import cli.prompt_input
+from assistant.config import GenerationOptions
+from assistant.dialogue import DialogueManager
+from assistant.messages import Message, Role
+from cli import runtime
+from cli.app import app
+from cli.chat import ChatSession
+from cli.prompt_input import make_reader
+
+
+class CtrlCBackend(FakeBackend):
+    """Delivers a real KeyboardInterrupt to the main thread mid-answer, as Ctrl+C does."""
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions,
+               adapter: str | None = None) -> Iterator[str]:
+        for index, chunk in enumerate(super().stream(messages, options, adapter)):
+            yield chunk
+            if index == 1:
+                _thread.interrupt_main()
+                time.sleep(5)  # interrupted here, like a long generation
+
+
+def run_session(manager: DialogueManager, keys: str, cwd: Path, conversation_id: int | None = None) -> str:
+    console = Console(record=True, width=200, force_terminal=False)
+    with create_pipe_input() as pipe:
+        pipe.send_text(keys)
+        session = ChatSession(manager, conversation_id or manager.new_conversation(), console,
+                              make_reader(None, input=pipe, output=DummyOutput()),
+                              max_image_bytes=10_000_000, max_image_pixels=10_000_000, markdown=False, cwd=cwd)
+        session.run()
+    return console.export_text()
+
+
+def test_inline_and_slash_images_attach_with_size_and_token_cost(
+        manager: DialogueManager, backend: FakeBackend, sample_png: Path, sample_jpg: Path, tmp_path: Path) -> None:
+    spaced = tmp_path / "my shot.png"
+    shutil.copy(sample_png, spaced)
+    escaped = str(spaced).replace(" ", "\\ ")
+    keys = (f"/image {sample_jpg}\r"
+            f"compare {escaped} and './astronaut.png' with ~/nothing.png\r"
+            "/exit\r")
+    output = run_session(manager, keys, tmp_path)
+    assert "attached coffee.jpg (48x32" in output and "16 tokens)" in output
+    assert output.count("attached") == 3
+    sent = backend.calls[-1]["messages"][-1]
+    assert sent.text == "compare and with ~/nothing.png"
+    assert [image.name for image in sent.images] == [str(sample_jpg), str(spaced), str(tmp_path / "astronaut.png")]
+
+
+def test_multiline_block_and_slash_commands(manager: DialogueManager, backend: FakeBackend, tmp_path: Path) -> None:
+    keys = ('"""first line\rsecond line\rend"""\r'
+            "/set temperature 0.25\r/set temperature hot\r/set\r/system be brief\r/system\r"
+            "/tokens\r/frobnicate\r/adapter\r/adapter ghost\r/history\r/help\r/exit\r")
+    output = run_session(manager, keys, tmp_path)
+    assert backend.calls[0]["messages"][-1].text == "first line\nsecond line\nend"
+    assert "temperature = 0.25" in output
+    assert "error: temperature needs a number, got 'hot'" in output
+    assert "be brief" in output
+    assert "error: unknown command /frobnicate; /help lists them" in output
+    assert "error: unknown adapter 'ghost'" in output
+    assert "tokens in this conversation; context 4096" in output
+    assert "/image PATH" in output
+    conversation = manager.store.list_conversations()[0]
+    assert conversation.options["temperature"] == 0.25 and conversation.system_prompt == "be brief"
+
+
+def test_bad_inputs_are_one_line_errors_and_the_conversation_goes_on(
+        manager: DialogueManager, backend: FakeBackend, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    keys = (f"/image {tmp_path / 'missing.png'}\r/image {tmp_path}\r/image {broken}\r"
+            f"look at {broken}\rstill here?\r/exit\r")
+    output = run_session(manager, keys, tmp_path)
+    assert "error: " + str(tmp_path / "missing.png") + ": no such file" in output
+    assert "is a directory" in output and output.count("corrupt or truncated PNG") == 2
+    assert [m.text for m in manager.history(manager.store.list_conversations()[0].id)] == [
+        "still here?", "echo: still here?"]
+
+
+def test_image_to_a_text_only_model_is_refused(store: object, sample_png: Path, tmp_path: Path) -> None:
+    manager = DialogueManager(FakeBackend(accepts_images=False), store)  # type: ignore[arg-type]
+    output = run_session(manager, f"what is {sample_png}\r/exit\r", tmp_path)
+    assert "error: this model reads text only" in output
+    assert manager.history(manager.store.list_conversations()[0].id) == []
+
+
+def test_ctrl_c_keeps_the_partial_answer_and_a_second_ctrl_c_exits(store: object, tmp_path: Path) -> None:
+    backend = CtrlCBackend(["one two three four five six"])
+    manager = DialogueManager(backend, store)  # type: ignore[arg-type]
+    output = run_session(manager, "count please\rnext\r\x03\x03", tmp_path)
+    assert "interrupted — partial answer kept" in output
+    history = manager.history(manager.store.list_conversations()[0].id)
+    assert history[1] == Message(Role.ASSISTANT, "one two", interrupted=True, id=history[1].id)
+    assert history[2].text == "next"  # the session went on after the interrupt
+    assert "Ctrl+C again" in output
+
+
+def test_clear_starts_a_new_conversation_and_load_returns(manager: DialogueManager, tmp_path: Path) -> None:
+    run_session(manager, "hello\r/clear\rfresh start\r/load 1\rback again\r/exit\r", tmp_path)
+    assert [m.text for m in manager.history(1)] == ["hello", "echo: hello", "back again", "echo: back again"]
+    assert [m.text for m in manager.history(2)] == ["fresh start", "echo: fresh start"]
+
+
+def test_save_exports_llava_json_with_images(manager: DialogueManager, sample_png: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    run_session(manager, f"describe {sample_png}\r/save {out}\r/exit\r", tmp_path)
+    record = json.loads((out / "dataset.json").read_text())[0]
+    assert record["conversations"][0] == {"from": "system", "value": "You are a test assistant."}
+    assert record["conversations"][1]["value"] == "<image>\ndescribe"
+    assert (out / record["image"]).read_bytes() == sample_png.read_bytes()
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
+    backend = FakeBackend()
+    monkeypatch.setattr(runtime, "open_backend", lambda settings, paths: backend)
+    return backend
+
+
+def _scripted_reader(monkeypatch: pytest.MonkeyPatch, keys: str) -> None:
+    pipes = []  # keep the pipe context alive: collecting it closes the pipe
+
+    def reader(history_file: Path | None, **_: object):  # type: ignore[no-untyped-def]
+        pipes.append(create_pipe_input())
+        pipe = pipes[-1].__enter__()
+        pipe.send_text(keys)
+        return make_reader(history_file, input=pipe, output=DummyOutput())
+
+    monkeypatch.setattr(cli.prompt_input, "make_reader", reader)
+
+
+def test_resume_after_restart_continues_the_stored_conversation(
+        fake_runtime: FakeBackend, monkeypatch: pytest.MonkeyPatch, iris_home: Path) -> None:
+    cli_runner = CliRunner()
+    _scripted_reader(monkeypatch, "my name is Ada\r/exit\r")
+    first = cli_runner.invoke(app, ["chat", "--plain"])
+    assert first.exit_code == 0, first.output
+    _scripted_reader(monkeypatch, "what is my name?\r/exit\r")
+    second = cli_runner.invoke(app, ["chat", "--plain", "--resume", "last"])
+    assert second.exit_code == 0, second.output
+    assert "user: my name is Ada" in second.output  # the transcript is shown on resume
+    assert [m.text for m in fake_runtime.calls[-1]["messages"] if m.role is Role.USER] == [
+        "my name is Ada", "what is my name?"]
+    assert (iris_home / "data" / "input_history").read_text().count("my name is Ada") == 1
+    missing = cli_runner.invoke(app, ["chat", "--resume", "999"])
+    assert missing.exit_code == 1 and "no conversation with id 999" in missing.output

