@@ -186,7 +186,7 @@ class Harness:
         back.get_state().parse_message_reaction_add(data)  # type: ignore[arg-type]
         await dpytest.run_all_events()
 
-    async def slash(self, name: str, *, member: int = 0, channel: int = 0, **options: str) -> str:
+    async def slash(self, name: str, /, *, member: int = 0, channel: int = 0, **options: str) -> str:
         """Invoke a slash command through the bot's CommandTree; returns the response text."""
         author = self.member(member)
         place = self.channel(channel)

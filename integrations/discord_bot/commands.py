@@ -49,6 +49,8 @@ class IrisCommands(commands.Cog):
 
     async def cog_app_command_error(self, interaction: discord.Interaction,
                                     error: app_commands.AppCommandError) -> None:
+        if isinstance(error, app_commands.CheckFailure) and interaction.response.is_done():
+            return  # interaction_check already told the user
         cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
         if isinstance(cause, IrisError):
             await self._reply(interaction, f"⚠️ {cause}")
