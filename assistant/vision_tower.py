@@ -84,7 +84,10 @@ def convert_onnx_to_dinov2(onnx_path: Path, out_dir: Path) -> Path:
     process finished the same conversion first, its copy is kept.
     """
     onnx_mod = _require("onnx", "onnx")
-    proto = onnx_mod.load(str(onnx_path))
+    try:
+        proto = onnx_mod.load(str(onnx_path))
+    except Exception as exc:  # onnx surfaces OSError, protobuf DecodeError, ... for an unreadable file
+        raise VisionTowerError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__})") from None
     size = _input_size(proto)
     model = build_dinov2(proto)
     processor = make_image_processor(size)

