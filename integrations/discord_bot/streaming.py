@@ -77,11 +77,11 @@ def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
         text = reopen + text[cut:]
 
 
-def _retry_after(error: discord.HTTPException) -> float | None:
+def _retry_after(error: discord.HTTPException | discord.RateLimited) -> float | None:
     """Seconds to wait when Discord answered 429, else None."""
     if isinstance(error, discord.RateLimited):
         return error.retry_after
-    if error.status == 429:
+    if error.status == 429:  # discord.py retries most 429s itself; this is what got through
         headers = getattr(error.response, "headers", None) or {}
         try:
             return float(headers.get("Retry-After", 1.0))
@@ -129,7 +129,7 @@ class ChannelPacer:
             await self.slot(channel_id)
             try:
                 return await request()
-            except discord.HTTPException as error:
+            except (discord.HTTPException, discord.RateLimited) as error:
                 retry_after = _retry_after(error)
                 if retry_after is None or attempt == attempts - 1:
                     raise
