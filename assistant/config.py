@@ -146,7 +146,7 @@ def load_settings(paths: Paths, environ: dict[str, str] | None = None) -> Settin
             raw = tomllib.loads(paths.config_file.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise BadSetting(f"{paths.config_file}: {exc}") from None
-    model_raw = {k: raw[k] for k in ("model", "quant", "device") if k in raw}
+    model_raw: dict[str, Any] = {k: raw[k] for k in ("model", "quant", "device") if k in raw}
     if "adapters" in raw:
         model_raw["adapters"] = tuple(raw["adapters"])
     for env, key in _ENV_TO_MODEL.items():

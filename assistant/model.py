@@ -95,7 +95,7 @@ def cached_hf_copy(gguf: Path, paths: Paths, progress: Progress = _quiet) -> Pat
         raise ModelNotFound(f"{gguf}: cannot read this GGUF file ({_first_line(exc)})") from None
     # The weights are plain dequantized tensors now; transformers refuses to save
     # while the GGUF quantizer marker is still attached.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     staging = target.with_name(target.name + ".partial")
@@ -210,7 +210,7 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"{options.model or name}: cannot load ({_first_line(exc)})") from None
     if bnb is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

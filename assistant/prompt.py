@@ -42,14 +42,14 @@ class PromptRenderer:
 
     def _takes_parts(self) -> bool:
         """Whether the template renders typed content parts; LLM templates kept by ``iris build`` do not."""
-        if self._template_takes_parts is None:
+        if self._template_takes_parts is None and self.processor is not None:
             probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "probe"}]}]
             try:
                 rendered = self.processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
                 self._template_takes_parts = bool(self.image_token) and self.image_token in rendered
             except Exception:  # a template that concatenates strings raises TypeError/TemplateError
                 self._template_takes_parts = False
-        return self._template_takes_parts
+        return bool(self._template_takes_parts)
 
     def text(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         owner = self.processor if self.processor is not None else self.tokenizer
