@@ -15,7 +15,8 @@ from cli import runtime
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="HF model dir, hub id or .gguf file.")]
 QuantOption = Annotated[str | None, typer.Option("--quant", help="4bit | 8bit | none | auto.")]
-AdapterOption = Annotated[list[str] | None, typer.Option("--adapter", help="LoRA adapter directory (repeatable).")]
+AdapterOption = Annotated[list[str] | None,
+                          typer.Option("--adapter", help="LoRA adapter directory (repeatable).")]
 
 
 def discord(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None) -> None:
@@ -28,7 +29,7 @@ def discord(model: ModelOption = None, quant: QuantOption = None, adapter: Adapt
     The \\[discord] table also sets admin_ids, allow/block lists (allowed_/blocked_ guild, channel, role and user ids), allow_dms, image caps, rate limit and queue caps; IRIS_DISCORD_<KEY> variables override it. People mention the bot, reply to its messages, or DM it; /reset, /stop, /info, /system for everyone, /persona, /adapter, /set for admins.
 
     Ctrl+C or SIGTERM finishes (or marks interrupted) the answers in flight and closes the store.
-    """
+    """  # noqa: E501 (typer keeps line breaks, so each paragraph is one line)
     from integrations.discord_bot.bot import IrisBot, run_bot
     from integrations.discord_bot.settings import load_discord_settings, read_token
 

@@ -91,7 +91,7 @@ async def test_restarted_bot_continues_a_conversation(tmp_path: Path) -> None:
     second_store = Store(database)
     backend = FakeBackend(["about two million"])
     second = await Harness.start(DialogueManager(backend, second_store))
-    # the old messages still exist on Discord: re-post them in the new fake server so the reply can point at it
+    # the old bot message still exists on Discord: put it in the new fake server for the reply to point at
     from discord.ext.test import backend as back
     back._cur_config.messages.setdefault(second.channel().id, []).append(
         {"id": bot_message, "channel_id": second.channel().id, "content": "the capital is Paris",
@@ -185,7 +185,7 @@ async def test_long_answer_with_code_block_is_split_cleanly(store: Store) -> Non
     assert len(parts) >= 3
     assert all(len(part) <= 2000 for part in parts)
     assert all(_fences_balanced(part) for part in parts)
-    assert any(part.startswith("```python\n") for part in parts[1:]), "the code block continues with its language"
+    assert any(part.startswith("```python\n") for part in parts[1:]), "the block continues with its language"
     joined = "\n".join(parts)
     for i in (0, 75, 149):
         assert f"total += {i}  # step {i}" in joined

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import typer
+from fakes import FakeBackend
 from typer.testing import CliRunner
 
 import cli.discord_cmd as discord_cmd
 from assistant.config import Paths
 from assistant.dialogue import DialogueManager
 from assistant.store import Store
-from fakes import FakeBackend
 from integrations.discord_bot import bot as bot_module
 
 SECRET = "MTIz.secret-token-value.xyz"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from fakes import FakeBackend
+from test_discord_harness import Harness, fast_settings
 
 from assistant.dialogue import DialogueManager
 from assistant.messages import Role
 from assistant.store import Store
-from fakes import FakeBackend
-from test_discord_harness import Harness, fast_settings
 
 pytestmark = pytest.mark.asyncio
 

@@ -71,7 +71,8 @@ class _FakeInteractionAdapter:
     def __init__(self, transcript: Transcript) -> None:
         self.transcript = transcript
 
-    async def create_interaction_response(self, interaction_id: int, token: str, **kwargs: Any) -> dict[str, Any]:
+    async def create_interaction_response(self, interaction_id: int, token: str,
+                                          **kwargs: Any) -> dict[str, Any]:
         payload = kwargs["params"].payload
         self.transcript.payloads.append(payload.get("data", {}))
         self.transcript.interaction_replies.append(payload.get("data", {}).get("content", ""))
@@ -142,8 +143,8 @@ class Harness:
     def channel(self, index: int = 0) -> discord.TextChannel:
         return [c for c in self.config.channels if isinstance(c, discord.TextChannel)][index]
 
-    async def say(self, text: str, *, member: int | discord.abc.User = 0, channel: Any = 0, mention: bool = True,
-                  reply_to: discord.Message | int | None = None, files: Sequence[Path] = (),
+    async def say(self, text: str, *, member: int | discord.abc.User = 0, channel: Any = 0,
+                  mention: bool = True, reply_to: discord.Message | int | None = None, files: Sequence[Path] = (),
                   settle: bool = True) -> discord.Message:
         """Post a message as a user, dispatched like a gateway MESSAGE_CREATE."""
         author = self.member(member) if isinstance(member, int) else member

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fakes import FakeBackend
+from test_discord_harness import Harness, fast_settings
 
 from assistant.dialogue import DialogueManager
 from assistant.store import Store
-from fakes import FakeBackend
-from test_discord_harness import Harness, fast_settings
 
 pytestmark = pytest.mark.asyncio
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -55,33 +56,49 @@ class Job:
         return message_id == self.trigger.id or any(m.id == message_id for m in replies)
 
 
-class _Chunks:
-    """Text arriving from the worker thread, read on the event loop."""
+class _Display:
+    """The latest text a reply should show; one task renders it at the channel pacer's speed.
 
-    def __init__(self) -> None:
+    Queue positions and streamed text only *set* the text, so nothing that holds
+    the device ever waits for Discord; intermediate states are coalesced.
+    """
+
+    def __init__(self, stream: ReplyStream) -> None:
+        self.stream = stream
         self.text = ""
-        self.done = False
-        self.error: BaseException | None = None
-        self.changed = asyncio.Event()
+        self.final = False
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
 
-    def add(self, chunk: str) -> None:
-        self.text += chunk
-        self.changed.set()
+    def set(self, text: str, *, final: bool = False) -> None:
+        self.text, self.final = text, final
+        self._changed.set()
 
-    def finish(self, error: BaseException | None) -> None:
-        self.done, self.error = True, error
-        self.changed.set()
+    async def finished(self) -> None:
+        """Until the final text is on Discord (re-raises a failure to show it)."""
+        await self._task
+
+    def abandon(self) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            text, final = self.text, self.final
+            await self.stream.show(text, final=final)
+            if final:
+                return
 
 
-def _generate(turn: Turn, chunks: _Chunks, loop: asyncio.AbstractEventLoop) -> None:
-    """Worker thread: run the turn (the answer is committed when it ends) and forward its text."""
-    error: BaseException | None = None
+def _generate(turn: Turn, on_chunk: Callable[[str], None], loop: asyncio.AbstractEventLoop) -> Exception | None:
+    """Worker thread: run the turn (committed when it ends), forwarding text; returns its failure if any."""
     try:
         for chunk in turn:
-            loop.call_soon_threadsafe(chunks.add, chunk)
-    except Exception as exc:  # reported on the loop; the Turn has already committed what it had
-        error = exc
-    loop.call_soon_threadsafe(chunks.finish, error)
+            loop.call_soon_threadsafe(on_chunk, chunk)
+    except Exception as exc:  # the Turn has already committed what it had, marked interrupted
+        return exc
+    return None
 
 
 def prompt_text(message: discord.Message, bot_user_id: int) -> str:
@@ -92,8 +109,8 @@ def prompt_text(message: discord.Message, bot_user_id: int) -> str:
 class Answerer:
     """Runs answers for the bot; one instance per bot, owning the queue and the generation thread."""
 
-    def __init__(self, manager: DialogueManager, settings: DiscordSettings, *, max_image_bytes: int | None = None,
-                 max_image_pixels: int | None = None) -> None:
+    def __init__(self, manager: DialogueManager, settings: DiscordSettings, *,
+                 max_image_bytes: int | None = None, max_image_pixels: int | None = None) -> None:
         self.manager = manager
         self.settings = settings
         self.conversations = Conversations(manager)
@@ -165,84 +182,80 @@ class Answerer:
             text = f"{quoted}\n{text}".strip()
         prefix = "".join(f"⚠️ {warning}\n" for warning in warnings)
         if not text and not images:
-            await stream.show(prefix + "⚠️ there is nothing to answer: send some text or an image.", final=True)
+            await stream.show(prefix + "⚠️ nothing to answer: send some text or an image.", final=True)
             return
         try:
             job.ticket = self.queue.enter(job.user_id)
         except QueueRefused as refused:
             await stream.show(f"{prefix}⚠️ {refused}", final=True)
             return
+        display = _Display(stream)
+        try:
+            await self._run(job, message, text, images, prefix, display)
+            await display.finished()
+        finally:
+            display.abandon()  # no-op once finished
+
+    async def _run(self, job: Job, message: discord.Message, text: str, images: list[ImageAttachment],
+                   prefix: str, display: _Display) -> None:
+        """Wait for the device, generate, and leave the final text in ``display``."""
+        assert job.ticket is not None and job.stream is not None
+        ticket = job.ticket
         async with contextlib.AsyncExitStack() as typing:
             with contextlib.suppress(discord.HTTPException):
                 await typing.enter_async_context(message.channel.typing())
 
             async def show_position(position: int) -> None:
                 if position > 0:
-                    await stream.show(f"{prefix}⏳ waiting for the model: position {position} in the queue")
+                    display.set(f"{prefix}⏳ waiting for the model: position {position} in the queue")
 
-            if not await self.queue.wait(job.ticket, show_position):
-                await stream.show(f"{prefix}{job.stop_note or STOPPED}", final=True)
+            if not await self.queue.wait(ticket, show_position):
+                display.set(f"{prefix}{job.stop_note or STOPPED}", final=True)
                 return
-            started_turn = await self._start_turn(job, message, text, images)
-            if started_turn is None:
+            reference = message.reference.message_id if message.reference is not None else None
+            target: Target | None = None
+            try:
+                target = self.conversations.target(message.channel.id, reference, title=text,
+                                                   parent_id=getattr(message.channel, "parent_id", None))
+                send = functools.partial(self.manager.send, target.conversation_id, text, images,
+                                         author=message.author.display_name, parent_id=target.parent_id)
+                turn = await asyncio.get_running_loop().run_in_executor(self._executor, send)
+            except IrisError as refused:
+                self.queue.release(ticket)
+                display.set(f"{prefix}⚠️ {refused}", final=True)
+                await display.finished()
+                if target is not None:  # a reply to the warning continues where the user was
+                    self.conversations.link((m.id for m in job.stream.messages), target.conversation_id,
+                                            target.parent_id)
                 return
-            target, turn = started_turn
-        notices = "".join(f"ℹ️ {notice}\n" for notice in turn.notices)
-        prefix += notices
-        await self._stream(job, turn, prefix)
-        self.conversations.link((m.id for m in stream.messages), target.conversation_id, turn.assistant_message_id)
-
-    async def _start_turn(self, job: Job, message: discord.Message, text: str,
-                          images: list[ImageAttachment]) -> tuple[Target, Turn] | None:
-        """Store the user message and get its Turn; an IrisError becomes the reply instead."""
-        assert job.stream is not None and job.ticket is not None
-        reference = message.reference.message_id if message.reference is not None else None
-        parent = getattr(message.channel, "parent_id", None)
-        loop = asyncio.get_running_loop()
-        target: Target | None = None
-        try:
-            target = self.conversations.target(message.channel.id, reference, title=text, parent_id=parent)
-            send = functools.partial(self.manager.send, target.conversation_id, text, images,
-                                     author=message.author.display_name, parent_id=target.parent_id)
-            turn = await loop.run_in_executor(self._executor, send)
-        except IrisError as error:
-            self.queue.release(job.ticket)
-            await job.stream.show(f"⚠️ {error}", final=True)
-            if target is not None:  # a reply to the warning continues where the user was
-                self.conversations.link((m.id for m in job.stream.messages), target.conversation_id,
-                                        target.parent_id)
-            return None
         self.conversations.link([message.id], target.conversation_id, turn.user_message_id)
         job.turn = turn
         if job.stop_note is not None:
             turn.cancel()
-        return target, turn
+        prefix += "".join(f"ℹ️ {notice}\n" for notice in turn.notices)
+        answer = ""
 
-    async def _stream(self, job: Job, turn: Turn, prefix: str) -> None:
-        """Generate in the worker thread and mirror the text into Discord at the pacer's speed."""
-        assert job.stream is not None and job.ticket is not None
+        def on_chunk(chunk: str) -> None:
+            nonlocal answer
+            answer += chunk
+            display.set(prefix + answer)
+
         loop = asyncio.get_running_loop()
-        chunks = _Chunks()
-        ticket = job.ticket
-        generation = loop.run_in_executor(self._executor, _generate, turn, chunks, loop)
-        generation.add_done_callback(lambda _: self.queue.release(ticket))
-        while True:
-            await chunks.changed.wait()
-            chunks.changed.clear()
-            if chunks.done:
-                break
-            await job.stream.show(prefix + chunks.text)
-        await generation
+        failure = await loop.run_in_executor(self._executor, _generate, turn, on_chunk, loop)
+        self.queue.release(ticket)  # the device is free; showing the rest is Discord's pace
         ending = ""
-        if chunks.error is not None:
-            log.error("generation failed in channel %s: %s", job.channel_id, type(chunks.error).__name__,
-                      exc_info=chunks.error)
-            ending = f"⚠️ {chunks.error}" if isinstance(chunks.error, IrisError) else \
+        if failure is not None:
+            log.error("generation failed in channel %s: %s", job.channel_id, type(failure).__name__,
+                      exc_info=failure)
+            ending = f"⚠️ {failure}" if isinstance(failure, IrisError) else \
                 "⚠️ the model failed while answering (it has been logged); the partial answer was kept."
         elif turn.interrupted:
             ending = job.stop_note or STOPPED
-        body = chunks.text if chunks.text.strip() or ending else "…(empty answer)"
-        await job.stream.show(prefix + body + (f"\n\n{ending}" if ending else ""), final=True)
+        body = answer if answer.strip() or ending else "…(empty answer)"
+        display.set(prefix + body + (f"\n\n{ending}" if ending else ""), final=True)
+        await display.finished()
+        self.conversations.link((m.id for m in job.stream.messages), target.conversation_id,
+                                turn.assistant_message_id)
 
     # inputs ----------------------------------------------------------------
 
@@ -286,7 +299,8 @@ class Answerer:
         """A validated image, or the one-line reason it is not one."""
         name = attachment.filename
         if attachment.size > self._max_bytes:
-            return f"{name}: {attachment.size / 1e6:.1f} MB is over the {self._max_bytes / 1e6:.0f} MB image limit"
+            return (f"{name}: {attachment.size / 1e6:.1f} MB is over the {self._max_bytes / 1e6:.0f} MB "
+                    "image limit")
         try:
             data = await attachment.read()
         except (discord.HTTPException, OSError):

@@ -68,9 +68,9 @@ class IrisCommands(commands.Cog):
         channel_id, parent_id = _place(interaction)
         conversation_id = self.conversations.start(channel_id, title="(reset)", parent_id=parent_id)
         await self._reply(interaction, f"🆕 new conversation (#{conversation_id}); earlier messages are "
-                                       "forgotten here (replying to one still continues it).", ephemeral=False)
+                          "forgotten here (replying to one still continues it).", ephemeral=False)
 
-    @app_commands.command(name="stop", description="Stop your answers being written or waiting in this channel.")
+    @app_commands.command(name="stop", description="Stop your answers in progress or waiting in this channel.")
     async def stop(self, interaction: discord.Interaction) -> None:
         channel_id, _ = _place(interaction)
         jobs = [job for job in self.bot.answerer.jobs
@@ -116,7 +116,8 @@ class IrisCommands(commands.Cog):
         old = self.conversations.persona(channel_id, parent_id)
         self.conversations.set_persona(channel_id, Persona(prompt or None, old.adapter, old.options))
         self.conversations.start(channel_id, title="(persona)", parent_id=parent_id)
-        await self._reply(interaction, "✅ persona saved; a new conversation starts with it.", ephemeral=False)
+        await self._reply(interaction, "✅ persona saved; a new conversation starts with it.",
+                          ephemeral=False)
 
     @app_commands.command(name="adapter", description="Admin: switch the LoRA adapter used in this channel.")
     @app_commands.describe(name="A loaded adapter's name, or 'none' for the base model.")
@@ -132,7 +133,8 @@ class IrisCommands(commands.Cog):
         current = self.conversations.current(channel_id)
         if current is not None:
             self.bot.manager.set_adapter(current, chosen)
-        await self._reply(interaction, f"✅ adapter here is now {chosen or 'none (base model)'}.", ephemeral=False)
+        await self._reply(interaction, f"✅ adapter here is now {chosen or 'none (base model)'}.",
+                          ephemeral=False)
 
     @app_commands.command(name="set", description="Admin: set a sampling option for this channel.")
     @app_commands.describe(name="temperature, top_p, top_k, max_new_tokens, repetition_penalty or seed",

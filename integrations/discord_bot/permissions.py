@@ -69,7 +69,9 @@ class Permissions:
             or bool(who.role_ids & s.allowed_role_ids)
         if not user_ok:
             return False
-        if who.guild_id in s.blocked_guild_ids or (s.allowed_guild_ids and who.guild_id not in s.allowed_guild_ids):
+        if who.guild_id in s.blocked_guild_ids:
+            return False
+        if s.allowed_guild_ids and who.guild_id not in s.allowed_guild_ids:
             return False
         if who.channel_ids & s.blocked_channel_ids:
             return False

@@ -95,7 +95,7 @@ class ChannelPacer:
 
     def __init__(self, ops: int, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ops = ops
-        self.window_s = window_s
+        self.window_s = window_s * 1.05  # margin: Discord's clock sees our requests with some jitter
         self._clock = clock
         self._history: dict[int, deque[float]] = {}
         self._blocked_until: dict[int, float] = {}
