@@ -19,12 +19,14 @@ from assistant.messages import Message, Role
 from assistant.vision import load_image_path
 from cli import runtime
 from cli.data_cmd import data_app
+from cli.discord_cmd import discord
 
 app = typer.Typer(help="Iris: a local multimodal assistant.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 history_app = typer.Typer(help="List, show, export and delete stored conversations.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
 app.add_typer(data_app, name="data")
+app.command("discord")(discord)
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="HF model dir, hub id or .gguf file "
                                                  "(default: the embedded SmolLM2-135M-Instruct).")]

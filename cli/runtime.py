@@ -42,9 +42,14 @@ def resolve_settings(paths: Paths, *, model: str | None = None, quant: str | Non
 
 def open_backend(settings: Settings, paths: Paths) -> ChatBackend:
     """Load the model with a progress line on stderr (stdout stays clean for ``iris ask``)."""
+    from transformers.utils import logging as hf_logging
+
     from assistant import model as model_loading
     from assistant.engine import LocalBackend
 
+    # One status line with the current stage instead of transformers' tqdm bars and notices.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     status_console = Console(stderr=True)
     with status_console.status("loading model…") as status:
         loaded = model_loading.load(settings.model, paths, progress=lambda text: status.update(text))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from fakes import FakeBackend
-from test_discord_harness import Harness, fast_settings
+from discord_harness import Harness, fast_settings
 
 from assistant.config import GenerationOptions
 from assistant.dialogue import DialogueManager

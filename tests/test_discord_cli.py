@@ -103,7 +103,7 @@ class GatewayStub(bot_module.IrisBot):
 
 
 def test_sigterm_shuts_the_bot_down_cleanly(store: Store) -> None:
-    from test_discord_harness import fast_settings
+    from discord_harness import fast_settings
 
     async def run() -> None:
         bot = GatewayStub(DialogueManager(FakeBackend(), store), fast_settings())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fakes import FakeBackend
-from test_discord_harness import Harness, fast_settings
+from discord_harness import Harness, fast_settings
 
 from assistant.dialogue import DialogueManager
 from assistant.messages import Role

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_discord_harness import Harness
+from discord_harness import Harness
 
 from assistant.config import GenerationOptions, ModelOptions, Paths
 from assistant.dialogue import DialogueManager

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from fakes import FakeBackend
-from test_discord_harness import Harness, fast_settings
+from discord_harness import Harness, fast_settings
 
 from assistant.dialogue import DialogueManager
 from assistant.store import Store

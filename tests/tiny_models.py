@@ -1,4 +1,4 @@
-"""Tiny real models built in-process: a byte-level tokenizer with a chat template,
+"""Tiny real models built in-process: a character-level tokenizer with a chat template,
 a tiny Llama, and a tiny LLaVA (CLIP tower + projector + Llama) with its processor.
 
 Weights are random, so outputs are gibberish, but every code path (chat
@@ -21,15 +21,21 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 
 def tiny_tokenizer() -> Any:
-    """Byte-level BPE (no merges): every byte is a token, plus ChatML and ``<image>`` specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """Character-level over printable ASCII, plus ChatML and ``<image>`` specials.
+
+    Every token decodes to visible text, so outputs of random models can be compared as strings.
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_vocab = {token: index for index, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    core = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    vocab = {"<unk>": 0, **{char: index + 1 for index, char in enumerate(string.printable)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
