@@ -3,6 +3,11 @@
 Text streams out as it is generated (``generate`` runs in a worker thread and
 feeds a ``TextIteratorStreamer``). Closing the stream early stops generation at
 the next token. One lock per device: a single GPU runs one generation at a time.
+
+Work is reused across turns: the KV cache of each finished generation is kept
+(bounded LRU) and the next prompt that shares its token prefix prefills only the
+new tokens; for LLaVA-style models, projected image features are cached per
+image and spliced into the input embeddings, so the vision tower runs once per image.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from assistant.caches import ImageFeatureCache, PrefixKVCache
 from assistant.config import GenerationOptions
 from assistant.errors import BadAdapter
 from assistant.messages import ImageAttachment, Message
@@ -40,11 +46,14 @@ def generation_kwargs(options: GenerationOptions) -> dict[str, Any]:
 class LocalBackend:
     """Runs a ``LoadedModel`` in this process."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, kv_cache_bytes: int = 1 << 30,
+                 feature_cache_bytes: int = 256 << 20) -> None:
         self.loaded = loaded
         self.renderer = PromptRenderer(loaded.tokenizer, loaded.processor)
         self.accepts_images = loaded.accepts_images
         self.context_length = loaded.context_length
+        self.prefix_cache = PrefixKVCache(kv_cache_bytes)
+        self.feature_cache = ImageFeatureCache(feature_cache_bytes)
         self._lock = device_lock(loaded.device)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
@@ -78,18 +87,26 @@ class LocalBackend:
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
         model = self.loaded.model
-        inputs = {k: v.to(model.device) for k, v in self.renderer.encode(messages).items()}
         streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
                 with torch.inference_mode(), self._adapter_scope(adapter):
+                    inputs, reusable = self._inputs(messages, adapter)
+                    token_ids = tuple(inputs["input_ids"][0].tolist())
+                    hit = self.prefix_cache.take(adapter, token_ids) if reusable else None
+                    if hit is not None:
+                        inputs["cache"] = hit.cache
                     if options.seed is not None:
                         torch.manual_seed(options.seed)
-                    model.generate(**inputs, **generation_kwargs(options), streamer=streamer,
-                                   stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
-                                   pad_token_id=self.loaded.tokenizer.pad_token_id)
+                    output = model.generate(**inputs, **generation_kwargs(options), streamer=streamer,
+                                            stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
+                                            pad_token_id=self.loaded.tokenizer.pad_token_id,
+                                            return_dict_in_generate=True)
+                    if reusable and getattr(output, "cache", None) is not None:
+                        length = output.cache.get_seq_length()
+                        self.prefix_cache.store(adapter, tuple(output.sequences[0][:length].tolist()), output.cache)
             except BaseException as exc:  # re-raised in the consumer thread below
                 failure.append(exc)
                 streamer.end()
@@ -106,6 +123,55 @@ class LocalBackend:
                 worker.join()
         if failure:
             raise failure[0]
+
+    def _inputs(self, messages: Sequence[Message], adapter: str | None) -> tuple[dict[str, Any], bool]:
+        """Generation inputs, and whether their KV cache may be reused by a later prompt.
+
+        Text-only prompts and LLaVA-style prompts (image features spliced into
+        the embeddings here) are position-for-position reusable; other vision
+        families get the processor's own inputs and a cold prefill.
+        """
+        import torch
+
+        encoded = self.renderer.encode(messages)
+        device = self.loaded.model.device
+        inputs = {key: value.to(device) for key, value in encoded.items()}
+        images = [image for message in messages for image in message.images]
+        if not images:
+            return inputs, True
+        if not self._splices_image_features(encoded):
+            return inputs, False
+        input_ids = inputs["input_ids"]
+        embeddings = self.loaded.model.get_input_embeddings()(input_ids)
+        features = torch.cat([self.image_features(image, adapter) for image in images]).to(embeddings.dtype)
+        mask = (input_ids == self.loaded.model.config.image_token_id).unsqueeze(-1)
+        inputs = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"],
+                  "inputs_embeds": embeddings.masked_scatter(mask, features)}
+        return inputs, True
+
+    def _splices_image_features(self, encoded: dict[str, Any]) -> bool:
+        config = self.loaded.model.config
+        return (hasattr(self.loaded.model, "get_image_features") and hasattr(config, "image_token_id")
+                and set(encoded) <= {"input_ids", "attention_mask", "pixel_values"}
+                and config.model_type == "llava")
+
+    def image_features(self, image: ImageAttachment, adapter: str | None) -> Any:
+        """Vision tower + projector output for one image, computed once while it stays cached."""
+        cached = self.feature_cache.get(image.sha256, adapter)
+        if cached is not None:
+            return cached
+        from assistant.vision import to_pil
+
+        config = self.loaded.model.config
+        assert self.loaded.processor is not None, "image features need a vision model's processor"
+        pixels = self.loaded.processor.image_processor(images=[to_pil(image)], return_tensors="pt")["pixel_values"]
+        output = self.loaded.model.get_image_features(
+            pixel_values=pixels.to(self.loaded.model.device, self.loaded.model.dtype),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy)
+        features = output.pooler_output[0] if hasattr(output, "pooler_output") else output[0]
+        self.feature_cache.put(image.sha256, adapter, features)
+        return features
 
     def _adapter_scope(self, adapter: str | None) -> Any:
         """Activate ``adapter`` for one generation; with none, the base model runs with adapters off."""

@@ -1,0 +1,135 @@
+"""Work reused across turns: prefix KV cache and image feature cache give identical greedy output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_llama, save_tiny_llava
+
+from assistant.caches import ByteLRU
+from assistant.config import GenerationOptions, ModelOptions, Paths
+from assistant.dialogue import DialogueManager
+from assistant.engine import LocalBackend
+from assistant.model import load
+from assistant.store import Store
+from assistant.vision import load_image_path
+
+GREEDY = GenerationOptions(temperature=0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cache_models")
+    return {"llama": save_tiny_llama(root / "llama", context=2048),
+            "llava": save_tiny_llava(root / "llava", context=2048)}
+
+
+def _backend(model_dir: Path, **cache_sizes: int) -> LocalBackend:
+    return LocalBackend(load(ModelOptions(model=str(model_dir), quant="none"), Paths.default()), **cache_sizes)
+
+
+def _prefill_lengths(backend: LocalBackend) -> list[int]:
+    """Record how many tokens each generate() prefills (the first forward of each call)."""
+    lengths: list[int] = []
+    language_model = backend.loaded.model.get_decoder() if hasattr(backend.loaded.model, "get_decoder") else None
+    target = language_model if language_model is not None else backend.loaded.model
+
+    def hook(module: object, args: tuple, kwargs: dict) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids")
+        length = embeds.shape[1] if embeds is not None else ids.shape[1]
+        if length > 1:
+            lengths.append(length)
+
+    target.register_forward_pre_hook(hook, with_kwargs=True)
+    return lengths
+
+
+def _converse(backend: LocalBackend, store: Store, turns: list[tuple[str, list]]) -> list[str]:  # type: ignore[type-arg]
+    manager = DialogueManager(backend, store, default_system_prompt="You are terse.", default_options=GREEDY)
+    conversation = manager.new_conversation()
+    return [manager.send(conversation, text, images).run() for text, images in turns]
+
+
+def test_byte_lru_evicts_oldest_past_its_budget() -> None:
+    lru = ByteLRU(100)
+    for key in "abcd":
+        lru.put(key, key.upper(), 30)
+    assert lru.keys() == ["b", "c", "d"] and lru.used_bytes == 90 and lru.evictions == 1
+    lru.get("b")
+    lru.put("e", "E", 30)
+    assert lru.keys() == ["d", "b", "e"]
+    lru.put("huge", "H", 101)
+    assert lru.get("huge") is None and lru.used_bytes == 90
+
+
+def test_text_turns_reuse_the_prefix_and_match_a_cold_run(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    turns = [(f"turn {index}: tell me more about number {index}", []) for index in range(5)]
+    warm = _backend(model_dirs["llama"])
+    cold = _backend(model_dirs["llama"], kv_cache_bytes=0)
+    warm_prefills, cold_prefills = _prefill_lengths(warm), _prefill_lengths(cold)
+    warm_answers = _converse(warm, Store(tmp_path / "warm.db"), turns)
+    cold_answers = _converse(cold, Store(tmp_path / "cold.db"), turns)
+    assert warm_answers == cold_answers
+    assert warm.prefix_cache.hits == 4 and cold.prefix_cache.hits == 0
+    assert warm_prefills[0] == cold_prefills[0]
+    # Later turns prefill only what is new: the previous answer's end and the new message.
+    new_tokens = [now - before for before, now in zip(cold_prefills, cold_prefills[1:], strict=False)]
+    assert all(0 < warm <= new for warm, new in zip(warm_prefills[1:], new_tokens, strict=True))
+    assert warm_prefills[-1] * 3 < cold_prefills[-1]
+
+
+def test_images_are_encoded_once_and_outputs_match_a_cold_run(model_dirs: dict[str, Path], tmp_path: Path,
+                                                               sample_png: Path, sample_jpg: Path) -> None:
+    png, jpg = load_image_path(sample_png), load_image_path(sample_jpg)
+    turns = [("what is this?", [png]), ("and these two?", [jpg, png]), ("anything else?", []),
+             ("the first again", [png])]
+    counts = {}
+    answers = {}
+    for name, sizes in {"warm": {}, "cold": {"kv_cache_bytes": 0, "feature_cache_bytes": 0}}.items():
+        backend = _backend(model_dirs["llava"], **sizes)
+        calls = []
+        backend.loaded.model.model.vision_tower.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        answers[name] = _converse(backend, Store(tmp_path / f"{name}.db"), turns)
+        counts[name] = len(calls)
+    assert answers["warm"] == answers["cold"]
+    assert counts["warm"] == 2  # one call per distinct image
+    assert counts["cold"] == 1 + 3 + 3 + 4  # every image in the prompt, every turn
+
+
+def test_pixel_path_and_feature_splicing_agree(model_dirs: dict[str, Path], sample_png: Path) -> None:
+    """The spliced-embeddings input equals transformers' own pixel_values path."""
+    from assistant.messages import Message, Role
+
+    backend = _backend(model_dirs["llava"])
+    messages = [Message(Role.USER, "describe", (load_image_path(sample_png),))]
+    ours = "".join(backend.stream(messages, GREEDY))
+    encoded = backend.renderer.encode(messages)
+    reference = backend.loaded.model.generate(**encoded, max_new_tokens=12, do_sample=False,
+                                              pad_token_id=backend.loaded.tokenizer.pad_token_id)
+    text = backend.loaded.tokenizer.decode(reference[0][encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert ours == text
+
+
+def test_cache_memory_stays_within_budget(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    backend = _backend(model_dirs["llama"], kv_cache_bytes=120_000)
+    stores = [Store(tmp_path / f"{index}.db") for index in range(4)]
+    for index, store in enumerate(stores):  # four "channels" talking at once
+        _converse(backend, store, [(f"channel {index} says hello " * 3, [])])
+    assert backend.prefix_cache.used_bytes <= 120_000
+    assert backend.prefix_cache.evictions > 0 and len(backend.prefix_cache) >= 2
+    evicted_again = _converse(backend, stores[0], [("channel 0 says hello " * 3, [])])
+    assert evicted_again == _converse(_backend(model_dirs["llama"], kv_cache_bytes=0), Store(tmp_path / "c.db"),
+                                      [("channel 0 says hello " * 3, [])])
+
+
+def test_interleaved_conversations_keep_their_own_caches(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    backend = _backend(model_dirs["llama"])
+    prefills = _prefill_lengths(backend)
+    manager = DialogueManager(backend, Store(tmp_path / "x.db"), default_system_prompt="shared", default_options=GREEDY)
+    first, second = manager.new_conversation(), manager.new_conversation()
+    manager.send(first, "alpha " * 10).run()
+    manager.send(second, "beta " * 10).run()  # shares only the system prompt: copies, does not steal
+    manager.send(first, "gamma").run()
+    assert prefills[2] < 30 and len(backend.prefix_cache) == 2
