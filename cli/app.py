@@ -18,6 +18,7 @@ from assistant.export import export_llava
 from assistant.messages import Message, Role
 from assistant.vision import load_image_path
 from cli import runtime
+from cli.build_cmd import build
 from cli.data_cmd import data_app
 from cli.discord_cmd import discord
 
@@ -27,6 +28,7 @@ history_app = typer.Typer(help="List, show, export and delete stored conversatio
 app.add_typer(history_app, name="history")
 app.add_typer(data_app, name="data")
 app.command("discord")(discord)
+app.command("build")(build)
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="HF model dir, hub id or .gguf file "
                                                  "(default: the embedded SmolLM2-135M-Instruct).")]
