@@ -85,6 +85,26 @@ class ModelOptions:
             raise BadSetting(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
 
 
+BACKEND_CHOICES = ("local", "openai")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Where answers come from: this process (``local``) or an OpenAI-compatible server."""
+
+    kind: str = "local"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    context_length: int | None = None
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKEND_CHOICES:
+            raise BadSetting(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.kind!r}")
+        if self.kind == "openai" and not self.base_url:
+            raise BadSetting("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+
+
 @dataclass(frozen=True)
 class Paths:
     """Where Iris keeps data (SQLite), cache (converted models) and config."""
@@ -125,6 +145,9 @@ class Settings:
     """Everything a front end needs to start, after layering file, env and flags."""
 
     model: ModelOptions = field(default_factory=ModelOptions)
+    backend: BackendOptions = field(default_factory=BackendOptions)
+    kv_cache_mb: int = 1024
+    feature_cache_mb: int = 256
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     system_prompt: str = "You are a helpful AI assistant named Iris."
     max_image_bytes: int = 20 * 1024 * 1024
@@ -134,7 +157,9 @@ class Settings:
 _ENV_TO_MODEL = {"IRIS_MODEL": "model", "IRIS_QUANT": "quant", "IRIS_DEVICE": "device"}
 _GENERATION_NAMES = [f.name for f in dataclasses.fields(GenerationOptions)]
 _KNOWN_CONFIG_KEYS = {"model", "quant", "device", "adapters", "generation", "system_prompt",
-                      "max_image_bytes", "max_image_pixels", "discord"}
+                      "max_image_bytes", "max_image_pixels", "kv_cache_mb", "feature_cache_mb", "backend",
+                      "discord"}
+_ENV_TO_BACKEND = {"IRIS_BACKEND": "kind", "IRIS_BASE_URL": "base_url", "IRIS_API_KEY_ENV": "api_key_env"}
 
 
 def load_settings(paths: Paths, environ: dict[str, str] | None = None) -> Settings:
@@ -157,10 +182,19 @@ def load_settings(paths: Paths, environ: dict[str, str] | None = None) -> Settin
         env_value = environ.get(f"IRIS_{name.upper()}")
         if env_value is not None:
             generation = generation.with_setting(name, env_value)
-    top = {k: raw[k] for k in ("system_prompt", "max_image_bytes", "max_image_pixels") if k in raw}
+    backend_raw: dict[str, Any] = dict(raw.get("backend", {}))
+    for env, key in _ENV_TO_BACKEND.items():
+        if environ.get(env):
+            backend_raw[key] = environ[env]
+    top = {k: raw[k] for k in ("system_prompt", "max_image_bytes", "max_image_pixels", "kv_cache_mb",
+                               "feature_cache_mb") if k in raw}
     if environ.get("IRIS_SYSTEM_PROMPT"):
         top["system_prompt"] = environ["IRIS_SYSTEM_PROMPT"]
     unknown = set(raw) - _KNOWN_CONFIG_KEYS
     if unknown:
         raise BadSetting(f"{paths.config_file}: unknown keys {', '.join(sorted(unknown))}")
-    return Settings(model=ModelOptions(**model_raw), generation=generation, **top)
+    try:
+        backend = BackendOptions(**backend_raw)
+    except TypeError as exc:
+        raise BadSetting(f"{paths.config_file}: [backend] {exc}") from None
+    return Settings(model=ModelOptions(**model_raw), backend=backend, generation=generation, **top)

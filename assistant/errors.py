@@ -47,3 +47,7 @@ class ConversationNotFound(IrisError):
 
 class BadDataset(IrisError):
     """A training dataset that cannot be read (the message names file and line)."""
+
+
+class BackendError(IrisError):
+    """A model server that cannot be reached or answers with an error."""

@@ -21,6 +21,15 @@ from cli import runtime
 from cli.build_cmd import build
 from cli.data_cmd import data_app
 from cli.discord_cmd import discord
+from cli.options import (
+    AdapterOption,
+    ApiKeyEnvOption,
+    BackendOption,
+    BaseUrlOption,
+    ModelOption,
+    QuantOption,
+    TrustPickleOption,
+)
 
 app = typer.Typer(help="Iris: a local multimodal assistant.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -30,14 +39,6 @@ app.add_typer(data_app, name="data")
 app.command("discord")(discord)
 app.command("build")(build)
 
-ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="HF model dir, hub id or .gguf file "
-                                                 "(default: the embedded SmolLM2-135M-Instruct).")]
-QuantOption = Annotated[str | None, typer.Option("--quant", help="4bit | 8bit | none (default: 4bit on CUDA, "
-                                                 "none on CPU).")]
-AdapterOption = Annotated[list[str] | None, typer.Option("--adapter", help="LoRA adapter directory (repeatable).")]
-TrustPickleOption = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle (.bin) adapter weights.")]
-
-
 def fail(error: IrisError) -> typer.Exit:
     Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
@@ -45,7 +46,8 @@ def fail(error: IrisError) -> typer.Exit:
 
 @app.command()
 def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None,
-         trust_pickle: TrustPickleOption = False,
+         trust_pickle: TrustPickleOption = False, backend: BackendOption = None, base_url: BaseUrlOption = None,
+         api_key_env: ApiKeyEnvOption = None,
          resume: Annotated[str | None, typer.Option("--resume", help="Continue conversation ID "
                                                     "(or 'last').")] = None,
          system: Annotated[str | None, typer.Option("--system", help="System prompt for a new conversation.")] = None,
@@ -59,7 +61,8 @@ def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
     console = Console()
     try:
         settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
-                                            trust_pickle=trust_pickle, system=system)
+                                            trust_pickle=trust_pickle, system=system, backend=backend,
+                                            base_url=base_url, api_key_env=api_key_env)
         manager, store = runtime.open_manager(settings, paths)
     except IrisError as error:
         raise fail(error) from None
@@ -95,7 +98,8 @@ def _parse_id(text: str) -> int:
 def ask(question: Annotated[str, typer.Argument(help="The question.")],
         image: Annotated[list[Path] | None, typer.Option("--image", "-i", help="Image file (repeatable).")] = None,
         model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None,
-        trust_pickle: TrustPickleOption = False,
+        trust_pickle: TrustPickleOption = False, backend: BackendOption = None, base_url: BaseUrlOption = None,
+        api_key_env: ApiKeyEnvOption = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record instead of the text.")] = False,
         temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0 = greedy).")] = None,
         max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens.")] = None,
@@ -104,7 +108,8 @@ def ask(question: Annotated[str, typer.Argument(help="The question.")],
     paths = Paths.default()
     try:
         settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
-                                            trust_pickle=trust_pickle, system=system)
+                                            trust_pickle=trust_pickle, system=system, backend=backend,
+                                            base_url=base_url, api_key_env=api_key_env)
         images = [load_image_path(p, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
                   for p in image or []]
         manager, store = runtime.open_manager(settings, paths)
@@ -139,16 +144,17 @@ def ask(question: Annotated[str, typer.Argument(help="The question.")],
 
 @app.command()
 def info(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None,
-         trust_pickle: TrustPickleOption = False) -> None:
+         trust_pickle: TrustPickleOption = False, backend: BackendOption = None, base_url: BaseUrlOption = None,
+         api_key_env: ApiKeyEnvOption = None) -> None:
     """Show the model, device, quantization, memory and context length."""
     paths = Paths.default()
     try:
         settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
-                                            trust_pickle=trust_pickle)
-        backend = runtime.open_backend(settings, paths)
+                                            trust_pickle=trust_pickle, backend=backend, base_url=base_url,
+                                            api_key_env=api_key_env)
+        details = runtime.open_backend(settings, paths).describe()
     except IrisError as error:
         raise fail(error) from None
-    details = backend.describe()
     console = Console()
     for key, value in details.items():
         if key == "memory_bytes":

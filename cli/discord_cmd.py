@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,14 +11,12 @@ from rich.console import Console
 from assistant.config import Paths
 from assistant.errors import IrisError
 from cli import runtime
-
-ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="HF model dir, hub id or .gguf file.")]
-QuantOption = Annotated[str | None, typer.Option("--quant", help="4bit | 8bit | none | auto.")]
-AdapterOption = Annotated[list[str] | None,
-                          typer.Option("--adapter", help="LoRA adapter directory (repeatable).")]
+from cli.options import AdapterOption, ApiKeyEnvOption, BackendOption, BaseUrlOption, ModelOption, QuantOption
 
 
-def discord(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None) -> None:
+def discord(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None,
+            backend: BackendOption = None, base_url: BaseUrlOption = None,
+            api_key_env: ApiKeyEnvOption = None) -> None:
     """Run Iris as a Discord bot: the same assistant and conversation history as `iris chat`.
 
     Set-up: create an application at https://discord.com/developers/applications, add a bot, and on its Bot page enable the MESSAGE CONTENT privileged intent. Invite it with the `bot` and `applications.commands` scopes (View Channels, Send Messages, Send Messages in Threads, Read Message History, Add Reactions).
@@ -38,7 +35,8 @@ def discord(model: ModelOption = None, quant: QuantOption = None, adapter: Adapt
     try:
         discord_settings = load_discord_settings(paths)
         token = read_token(discord_settings, paths)  # before loading the model: fail fast
-        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or ())
+        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
+                                            backend=backend, base_url=base_url, api_key_env=api_key_env)
         manager, store = runtime.open_manager(settings, paths)
     except IrisError as error:
         errors.print(f"[bold red]error:[/bold red] {error}", highlight=False)

@@ -7,19 +7,21 @@ and tests can swap ``open_backend`` for a fake.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 
 from rich.console import Console
 
-from assistant.config import ModelOptions, Paths, Settings, load_settings
+from assistant.config import BackendOptions, ModelOptions, Paths, Settings, load_settings
 from assistant.dialogue import ChatBackend, DialogueManager
 from assistant.store import Store
 
 
 def resolve_settings(paths: Paths, *, model: str | None = None, quant: str | None = None,
                      adapters: Sequence[str] = (), trust_pickle: bool = False, device: str | None = None,
-                     system: str | None = None) -> Settings:
+                     system: str | None = None, backend: str | None = None, base_url: str | None = None,
+                     api_key_env: str | None = None) -> Settings:
     """Config file and environment, then the command-line flags on top."""
     settings = load_settings(paths)
     overrides: dict[str, object] = {}
@@ -37,11 +39,18 @@ def resolve_settings(paths: Paths, *, model: str | None = None, quant: str | Non
     settings = dataclasses.replace(settings, model=model_options)
     if system is not None:
         settings = dataclasses.replace(settings, system_prompt=system)
+    backend_overrides = {key: value for key, value in
+                         (("kind", backend), ("base_url", base_url), ("api_key_env", api_key_env)) if value}
+    if backend_overrides:
+        backend_options: BackendOptions = dataclasses.replace(settings.backend, **backend_overrides)  # type: ignore[arg-type]
+        settings = dataclasses.replace(settings, backend=backend_options)
     return settings
 
 
 def open_backend(settings: Settings, paths: Paths) -> ChatBackend:
     """Load the model with a progress line on stderr (stdout stays clean for ``iris ask``)."""
+    if settings.backend.kind == "openai":
+        return open_server_backend(settings)
     from transformers.utils import logging as hf_logging
 
     from assistant import model as model_loading
@@ -53,7 +62,26 @@ def open_backend(settings: Settings, paths: Paths) -> ChatBackend:
     status_console = Console(stderr=True)
     with status_console.status("loading model…") as status:
         loaded = model_loading.load(settings.model, paths, progress=lambda text: status.update(text))
-    return LocalBackend(loaded)
+    return LocalBackend(loaded, kv_cache_bytes=settings.kv_cache_mb << 20,
+                        feature_cache_bytes=settings.feature_cache_mb << 20)
+
+
+def open_server_backend(settings: Settings) -> ChatBackend:
+    """An OpenAI-compatible server; ``--model`` names the served model."""
+    from assistant.errors import BadSetting
+    from assistant.openai_backend import OpenAIBackend
+
+    options = settings.backend
+    if not settings.model.model:
+        raise BadSetting("--backend openai needs --model NAME (a model the server serves)")
+    api_key = None
+    if options.api_key_env:
+        api_key = os.environ.get(options.api_key_env)
+        if not api_key:
+            raise BadSetting(f"--api-key-env {options.api_key_env}: that environment variable is not set")
+    assert options.base_url is not None
+    return OpenAIBackend(options.base_url, settings.model.model, api_key=api_key, timeout=options.timeout,
+                         context_length=options.context_length)
 
 
 def open_manager(settings: Settings, paths: Paths) -> tuple[DialogueManager, Store]:
