@@ -91,7 +91,8 @@ class OpenAIBackend:
         for entry in self.served_models():
             if entry.get("id") != self.model:
                 continue
-            meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+            meta = entry.get("meta")
+            meta = meta if isinstance(meta, dict) else {}
             for key in ("max_model_len", "context_length", "n_ctx", "n_ctx_train"):
                 value = entry.get(key, meta.get(key))
                 if isinstance(value, int) and value > 0:
