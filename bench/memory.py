@@ -81,7 +81,8 @@ def main() -> None:
     rows = [("SmolLM2-135M (default)", measure(str(default_model_path(Paths.default()))))]
     with tempfile.TemporaryDirectory() as work:
         rows.append(("Llama-shaped 1B (random)", measure(random_1b(Path(work) / "llama-1b"))))
-    print(f"{'model':<26} {'bf16 MiB':>9} {'4bit MiB':>9} {'ratio':>6}   {'LM linear bf16':>14} {'4bit':>7} {'ratio':>6}")
+    header = f"{'model':<26} {'bf16 MiB':>9} {'4bit MiB':>9} {'ratio':>6}"
+    print(f"{header}   {'LM linear bf16':>14} {'4bit':>7} {'ratio':>6}")
     for name, ((full_all, full_linear), (four_all, four_linear)) in rows:
         print(f"{name:<26} {full_all / 2**20:>9.1f} {four_all / 2**20:>9.1f} {four_all / full_all:>6.3f}   "
               f"{full_linear / 2**20:>14.1f} {four_linear / 2**20:>7.1f} {four_linear / full_linear:>6.3f}")
