@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fakes import FakeBackend  # noqa: E402
 from discord_harness import Harness  # noqa: E402
+from fakes import FakeBackend  # noqa: E402
 
 from assistant.dialogue import DialogueManager  # noqa: E402
 from assistant.store import Store  # noqa: E402
