@@ -229,6 +229,11 @@ def check_adapter_dir(path: Path, fingerprint: str, *, trust_pickle: bool = Fals
         raise BadAdapter(f"{path}: no such adapter directory")
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
+        from adapters.manifest import PROJECTOR_FILE, check_manifest
+
+        if (path / PROJECTOR_FILE).is_file():  # a projector-stage output: no LoRA, only projector weights
+            check_manifest(path, fingerprint)
+            return {}
         raise BadAdapter(f"{path}: not a PEFT adapter (no adapter_config.json)")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -243,16 +248,9 @@ def check_adapter_dir(path: Path, fingerprint: str, *, trust_pickle: bool = Fals
                              "pass --trust-pickle if you trust its source")
         if not (path / "adapter_model.bin").is_file():
             raise BadAdapter(f"{path}: no adapter weights (adapter_model.safetensors)")
-    manifest_file = path / MANIFEST_FILE
-    if manifest_file.is_file():
-        try:
-            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadAdapter(f"{path}: corrupt {MANIFEST_FILE} ({exc})") from None
-        expected = manifest.get("base_fingerprint")
-        if expected and expected != fingerprint:
-            raise AdapterMismatch(f"{path}: trained for base {manifest.get('base_model', '?')} "
-                                  f"(fingerprint {expected}), but the loaded base is {fingerprint}")
+    from adapters.manifest import check_manifest
+
+    check_manifest(path, fingerprint)
     return config
 
 
@@ -285,12 +283,22 @@ def check_adapter_weights(path: Path, base: Any) -> None:
 
 def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = None,
                    trust_pickle: bool = False) -> str:
-    """Attach a LoRA adapter to the (possibly quantized) base without merging; returns its name."""
+    """Attach a LoRA adapter to the (possibly quantized) base without merging; returns its name.
+
+    A projector-only directory (``iris train --stage projector``) has no LoRA to switch: its
+    projector weights replace the base's, for every conversation.
+    """
     from peft import PeftModel
 
     path = Path(path_text).expanduser()
     check_adapter_dir(path, loaded.fingerprint, trust_pickle=trust_pickle)
     name = name or path.name
+    if not (path / "adapter_config.json").is_file():  # passed the check, so a projector-only directory
+        from adapters.manifest import load_projector
+
+        load_projector(loaded.model, path)
+        loaded.name = f"{loaded.name} + projector {name}"
+        return name
     if name in loaded.adapters:
         raise BadAdapter(f"an adapter named {name!r} is already loaded")
     base = loaded.model.get_base_model() if isinstance(loaded.model, PeftModel) else loaded.model

@@ -1,0 +1,150 @@
+"""Bake an adapter into its base: ``iris adapters merge`` (a model for ``iris --model``) and ``export``
+(a standalone HF model for other tools, checked by reloading it with plain transformers).
+
+Merging into a 4-bit base would round the sum back to NF4, so it is refused unless ``dequantize``
+is asked for: the base is then dequantized first and the merged model is written in full precision
+(the weights a QLoRA adapter was actually trained against, up to NF4 rounding).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.manifest import PROJECTOR_FILE, read_manifest, write_manifest
+from assistant.config import ModelOptions, Paths
+from assistant.errors import BadAdapter, BadSetting
+from assistant.messages import ImageAttachment, Message, Role
+from assistant.model import LoadedModel, attach_adapter, load
+from assistant.prompt import PromptRenderer
+
+PROBE_TEXT = "Describe the image in one sentence."
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely the reloaded export reproduces base + adapter on a probe prompt."""
+
+    max_logit_difference: float
+    same_greedy_tokens: bool
+
+
+def adapter_base(adapter_dir: Path, model: str | None) -> str | None:
+    """The base to merge into: ``model`` if given, else what the manifest (or PEFT config) names."""
+    if model is not None:
+        return model
+    manifest = read_manifest(adapter_dir)
+    if manifest is not None:
+        return manifest.get("base_model_path")  # None: trained on the embedded default model
+    config_file = adapter_dir / "adapter_config.json"
+    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path") \
+        if config_file.is_file() else None
+    if not base:
+        raise BadSetting(f"{adapter_dir}: no manifest names its base model; pass --model")
+    return str(base)
+
+
+def merged(adapter_dir: Path, *, model: str | None = None, quant: str = "none", dequantize: bool = False,
+           trust_pickle: bool = False, device: str = "auto", paths: Paths | None = None) -> LoadedModel:
+    """The base with the adapter merged in (LoRA deltas added, trained projector in place)."""
+    adapter_dir = Path(adapter_dir).expanduser()
+    if not adapter_dir.is_dir():
+        raise BadAdapter(f"{adapter_dir}: no such adapter directory")
+    loaded = load(ModelOptions(model=adapter_base(adapter_dir, model), quant=quant, device=device), paths)
+    if loaded.quant == "4bit" or getattr(loaded.model, "is_loaded_in_4bit", False):
+        if not dequantize:
+            raise BadSetting("the base is 4-bit: merging would round the result back to 4-bit (lossy); pass "
+                             "--dequantize to merge into dequantized full-precision weights, or use --quant none")
+        loaded.model = loaded.model.dequantize()
+        loaded.quant = "none (dequantized from 4bit)"
+    name = attach_adapter(loaded, str(adapter_dir), trust_pickle=trust_pickle)
+    if name in loaded.adapters:
+        loaded.model = loaded.model.merge_and_unload()
+        loaded.adapters.clear()
+    loaded.model.eval()
+    return loaded
+
+
+def save_model(loaded: LoadedModel, out: Path) -> Path:
+    """``save_pretrained`` the model and its processor/tokenizer into a new directory."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadSetting(f"{out}: already exists; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out)
+    (loaded.processor or loaded.tokenizer).save_pretrained(out)
+    return out
+
+
+def merge_adapter(adapter_dir: Path, out: Path, **options: Any) -> Path:
+    """Merge and save for Iris (``iris chat --model OUT``), with a manifest saying what it was made of."""
+    loaded = merged(adapter_dir, **options)
+    save_model(loaded, out)
+    write_manifest(out, {"kind": "merged", "adapter": str(Path(adapter_dir).expanduser().resolve()),
+                         "base_fingerprint": loaded.fingerprint, "quant": loaded.quant,
+                         "adapter_manifest": read_manifest(Path(adapter_dir).expanduser())})
+    return out
+
+
+def export_adapter(adapter_dir: Path, out: Path, **options: Any) -> ExportCheck:
+    """Merge, save as a plain HF model with a model card, and verify it by reloading with transformers."""
+    adapter_dir = Path(adapter_dir).expanduser()
+    loaded = merged(adapter_dir, **options)
+    inputs = probe_inputs(loaded)
+    expected = _logits(loaded.model, inputs)
+    save_model(loaded, out)
+    _model_card(Path(out), adapter_dir, loaded)
+    del loaded
+    reloaded = load_plain(Path(out))
+    actual = _logits(reloaded, inputs)
+    return ExportCheck(float((actual - expected).abs().max()), bool((actual.argmax(-1) == expected.argmax(-1)).all()))
+
+
+def load_plain(directory: Path) -> Any:
+    """Load with plain transformers, as a user of the export would (no Iris code)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(directory)
+    vision = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    loader = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    return loader.from_pretrained(directory).eval()
+
+
+def probe_inputs(loaded: LoadedModel) -> dict[str, Any]:
+    """A short prompt (with a drawn image for vision models) that exercises LoRA layers and projector."""
+    images: tuple[ImageAttachment, ...] = ()
+    if loaded.accepts_images:
+        import io
+        import random
+
+        from adapters.synth import draw_scene, random_scene
+        from assistant.vision import load_image_bytes
+
+        rng = random.Random(0)
+        buffer = io.BytesIO()
+        draw_scene(random_scene(rng), rng).save(buffer, format="PNG")
+        images = (load_image_bytes(buffer.getvalue(), "probe.png"),)
+    messages = [Message(Role.USER, PROBE_TEXT, images)]
+    return PromptRenderer(loaded.tokenizer, loaded.processor).encode(messages)
+
+
+def _logits(model: Any, inputs: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(**{k: v.to(model.device) for k, v in inputs.items()}).logits.float().cpu()
+
+
+def _model_card(out: Path, adapter_dir: Path, loaded: LoadedModel) -> None:
+    manifest = read_manifest(adapter_dir) or {}
+    lines = [f"# {out.name}", "", f"Merged by Iris from the adapter `{adapter_dir.name}` "
+             f"(kind: {manifest.get('kind', 'lora')}) on the base `{manifest.get('base_model', loaded.name)}`.", "",
+             "Load it with plain transformers (`from_pretrained`); the processor/tokenizer is included.", ""]
+    if (adapter_dir / PROJECTOR_FILE).is_file():
+        lines += ["The vision projector holds the trained weights.", ""]
+    if manifest.get("metrics"):
+        lines += [f"Training: {manifest.get('steps')} steps, final metrics {json.dumps(manifest['metrics'])}.", ""]
+    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")

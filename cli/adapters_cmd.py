@@ -1,0 +1,121 @@
+"""``iris adapters``: list, inspect, merge and export the adapters ``iris train`` writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from assistant.config import Paths
+from assistant.errors import BadAdapter, IrisError
+
+adapters_app = typer.Typer(help="List, inspect, merge and export trained adapters.", no_args_is_help=True)
+
+BaseOption = Annotated[str | None, typer.Option("--model", "-m", help="Base model (default: the one in the "
+                                                "adapter's manifest).")]
+QuantOption = Annotated[str, typer.Option("--quant", help="Load the base as none | 4bit.")]
+DequantizeOption = Annotated[bool, typer.Option("--dequantize", help="Merge into a 4-bit base by dequantizing it "
+                                                "first (writes full precision).")]
+TrustPickleOption = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle (.bin) adapter weights.")]
+
+
+def adapters_dir(paths: Paths | None = None) -> Path:
+    """Where ``iris train`` puts adapters by default and where ``iris adapters list`` looks."""
+    return (paths or Paths.default()).data / "adapters"
+
+
+def resolve_adapter(name: str) -> Path:
+    """An adapter by path, or by name in the user adapter dir."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    candidate = adapters_dir() / name
+    if candidate.is_dir():
+        return candidate
+    raise BadAdapter(f"{name}: no such adapter (not a directory, nor in {adapters_dir()}); see `iris adapters list`")
+
+
+def _fail(error: IrisError) -> typer.Exit:
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(1)
+
+
+@adapters_app.command("list")
+def list_adapters() -> None:
+    """Adapters in the user adapter dir, with what their manifests say."""
+    from adapters.manifest import read_manifest
+
+    root = adapters_dir()
+    found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not found:
+        typer.echo(f"no adapters in {root} (train one with `iris train DATASET`)")
+        return
+    table = Table("name", "kind", "base", "steps", "loss", "created")
+    for path in found:
+        try:
+            manifest = read_manifest(path) or {}
+        except BadAdapter:
+            table.add_row(path.name, "?", "corrupt iris_manifest.json", "", "", "")
+            continue
+        loss = (manifest.get("metrics") or {}).get("loss")
+        table.add_row(path.name, str(manifest.get("kind", "peft")), str(manifest.get("base_model", "?")),
+                      str(manifest.get("steps", "")), f"{loss:.4f}" if isinstance(loss, float) else "",
+                      str(manifest.get("created", "")))
+    Console().print(table)
+
+
+@adapters_app.command()
+def info(name: Annotated[str, typer.Argument(help="Adapter name or directory.")]) -> None:
+    """Print an adapter's manifest (base identity, hashes, training settings, metrics) as JSON."""
+    from adapters.manifest import read_manifest
+
+    try:
+        path = resolve_adapter(name)
+        manifest = read_manifest(path)
+    except IrisError as error:
+        raise _fail(error) from None
+    if manifest is None:
+        raise _fail(BadAdapter(f"{path}: no iris_manifest.json (not trained by Iris)"))
+    typer.echo(json.dumps({"path": str(path), **manifest}, indent=2, sort_keys=True))
+
+
+@adapters_app.command()
+def merge(name: Annotated[str, typer.Argument(help="Adapter name or directory.")],
+          out: Annotated[Path | None, typer.Option(help="Output directory (default: the user models dir / "
+                                                   "NAME-merged).")] = None,
+          model: BaseOption = None, quant: QuantOption = "none", dequantize: DequantizeOption = False,
+          trust_pickle: TrustPickleOption = False) -> None:
+    """Merge an adapter into its base, for `iris chat --model OUT`."""
+    from adapters.merge import merge_adapter
+
+    try:
+        path = resolve_adapter(name)
+        target = out or Paths.default().data / "models" / f"{path.name}-merged"
+        merge_adapter(path, target, model=model, quant=quant, dequantize=dequantize, trust_pickle=trust_pickle)
+    except IrisError as error:
+        raise _fail(error) from None
+    typer.echo(f"wrote {target} (use it with: iris chat --model {target})")
+
+
+@adapters_app.command()
+def export(name: Annotated[str, typer.Argument(help="Adapter name or directory.")],
+           out: Annotated[Path, typer.Option(help="New directory for the standalone model.")],
+           model: BaseOption = None, quant: QuantOption = "none", dequantize: DequantizeOption = False,
+           trust_pickle: TrustPickleOption = False) -> None:
+    """Write a standalone merged HF model (with processor/tokenizer), checked by reloading it."""
+    from adapters.merge import export_adapter
+
+    try:
+        check = export_adapter(resolve_adapter(name), out, model=model, quant=quant, dequantize=dequantize,
+                               trust_pickle=trust_pickle)
+        if not check.same_greedy_tokens:
+            raise IrisError(f"{out}: the reloaded export predicts other tokens than base + adapter "
+                            f"(max logit difference {check.max_logit_difference:.3g})")
+    except IrisError as error:
+        raise _fail(error) from None
+    typer.echo(f"wrote {out} (plain transformers from_pretrained; reload check: max logit difference "
+               f"{check.max_logit_difference:.2e})")

@@ -1,0 +1,83 @@
+"""``iris train``: fine-tune the vision projector or a LoRA adapter on a dataset (see ``adapters.train``).
+
+Runs unchanged under ``accelerate launch --num_processes N iris train ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from adapters.dataset import DATA_FILE_NAMES
+from adapters.train import DEFAULT_TARGETS, TrainOptions
+from assistant.config import Paths
+from assistant.errors import BadSetting, IrisError
+
+
+def default_out(data: Path, stage: str, name: str | None, paths: Paths) -> Path:
+    """``<user data>/adapters/<name>``; the name defaults to the dataset's name and the stage (not a time),
+    so that every process of a multi-process launch picks the same directory."""
+    if name is None:
+        stem = data.parent.name if data.name in DATA_FILE_NAMES else (data.name if data.is_dir() else data.stem)
+        name = f"{stem}-{stage}"
+    if not name or "/" in name or name in (".", ".."):
+        raise BadSetting(f"--name must be a plain directory name, got {name!r}")
+    return paths.data / "adapters" / name
+
+
+def train(data: Annotated[Path, typer.Argument(help="Dataset: directory, LLaVA .json or messages .jsonl.")],
+          model: Annotated[str | None, typer.Option("--model", "-m", help="Base model: HF dir, hub id or .gguf "
+                                                    "(default: the embedded SmolLM2).")] = None,
+          stage: Annotated[str, typer.Option(help="projector (only the projector trains) | lora (LoRA on the "
+                                             "LLM + projector).")] = "lora",
+          quant: Annotated[str, typer.Option(help="none | 4bit (QLoRA: NF4 base).")] = "none",
+          out: Annotated[Path | None, typer.Option(help="Output directory (default: the user adapter dir / "
+                                                   "NAME).")] = None,
+          name: Annotated[str | None, typer.Option(help="Adapter name under the user adapter dir "
+                                                   "(default: DATASET-STAGE).")] = None,
+          steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: 1 epoch).")] = None,
+          epochs: Annotated[float | None, typer.Option(help="Epochs instead of --steps.")] = None,
+          batch_size: Annotated[int, typer.Option(help="Samples per process per micro-batch.")] = 4,
+          grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+          lr_projector: Annotated[float, typer.Option(help="Learning rate of the projector (0: frozen).")] = 1e-3,
+          lr_lora: Annotated[float, typer.Option(help="Learning rate of the LoRA weights.")] = 2e-4,
+          lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+          lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
+          lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+          target_modules: Annotated[str, typer.Option(help="Comma-separated LLM linear layer names.")]
+          = ",".join(DEFAULT_TARGETS),
+          eval_split: Annotated[float, typer.Option(help="Fraction of samples held out for eval loss.")] = 0.0,
+          seed: Annotated[int, typer.Option(help="Seed for init, shuffling and the eval split.")] = 0,
+          save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only the final "
+                                                  "output).")] = 0,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in the "
+                                               "output directory.")] = False,
+          cache_features: Annotated[bool, typer.Option("--cache-features", help="Compute the frozen vision "
+                                                       "tower's features once per image (LLaVA).")] = False,
+          gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
+                                                               help="Trade compute for memory.")] = False,
+          ) -> None:
+    """Train a projector or LoRA adapter; writes a PEFT adapter, projector.safetensors and iris_manifest.json."""
+    from accelerate import PartialState
+
+    from adapters.train import train as run_training
+
+    try:
+        target = out or default_out(data, stage, name, Paths.default())
+        options = TrainOptions(data=data, out=target, model=model, stage=stage, quant=quant, steps=steps,
+                               epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                               lr_projector=lr_projector, lr_lora=lr_lora, lora_r=lora_r, lora_alpha=lora_alpha,
+                               lora_dropout=lora_dropout, eval_split=eval_split, seed=seed, save_every=save_every,
+                               resume=resume, cache_features=cache_features,
+                               gradient_checkpointing=gradient_checkpointing,
+                               target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
+        result = run_training(options)
+    except IrisError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    if PartialState().is_main_process:
+        evaluated = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        typer.echo(f"wrote {result.out} ({result.steps} steps, loss {result.loss:.4f}{evaluated}, "
+                   f"{result.samples_per_second:.1f} samples/s)")
