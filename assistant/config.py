@@ -15,7 +15,7 @@ from typing import Any
 
 from assistant.errors import BadSetting
 
-QUANT_CHOICES = ("4bit", "8bit", "none", "auto")
+QUANT_CHOICES = ("4bit", "8bit", "int8", "none", "auto")
 
 
 @dataclass(frozen=True)

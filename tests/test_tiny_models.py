@@ -179,3 +179,31 @@ def test_training_labels_cover_only_assistant_tokens() -> None:
     example = renderer.training_example(messages)
     kept = example["input_ids"][0][example["labels"][0] != -100]
     assert tokenizer.decode(kept) == "answer one<|im_end|>\nanswer two<|im_end|>\n"
+
+
+def test_int8_cpu_path_keeps_adapters_switchable(model_dirs: dict[str, Path], tmp_path: Path,
+                                                 sample_png: Path) -> None:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    adapter = _lora(model_dirs["llama"], tmp_path / "pirate", seed=7)
+    full = LocalBackend(load(ModelOptions(model=str(model_dirs["llama"]), quant="none", adapters=(str(adapter),)),
+                             Paths.default()))
+    loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="int8", adapters=(str(adapter),)),
+                  Paths.default())
+    assert loaded.quant == "int8"
+    q_proj = loaded.model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, DynamicInt8Linear) and type(q_proj.lora_A["pirate"]) is torch.nn.Linear
+    backend = LocalBackend(loaded)
+    messages = _user("hi")
+    assert "".join(backend.stream(messages, GREEDY, adapter="pirate")) != "".join(backend.stream(messages, GREEDY))
+    with torch.inference_mode():  # int8 stays close to full precision
+        ids = backend.renderer.encode(messages)["input_ids"]
+        assert (loaded.model(ids).logits - full.loaded.model(ids).logits).abs().max() < 0.5
+    with pytest.raises(BadAdapter, match="adapters attach at load time"):
+        attach_adapter(loaded, str(adapter), name="again")
+    llava = load(ModelOptions(model=str(model_dirs["llava"]), quant="int8"), Paths.default())
+    modules = dict(llava.model.named_modules())
+    tower_linears = [m for n, m in modules.items() if "vision_tower" in n and isinstance(m, torch.nn.Linear)]
+    assert tower_linears and all(type(m) is torch.nn.Linear for m in tower_linears)
+    assert isinstance(modules["model.language_model.layers.0.self_attn.q_proj"], DynamicInt8Linear)
+    assert "".join(LocalBackend(llava).stream(_user("see", load_image_path(sample_png)), GREEDY))
