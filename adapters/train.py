@@ -28,7 +28,7 @@ from adapters.features import FeatureCache, image_token_id, loss_module
 from adapters.report import MetricsLog, plot_loss
 from assistant import model as model_loading
 from assistant.config import ModelOptions, Paths
-from assistant.errors import BadSetting, ModelNotFound
+from assistant.errors import BadSetting
 from assistant.prompt import PromptRenderer
 
 STAGES = ("projector", "lora")
@@ -123,31 +123,15 @@ class _Base:
 def load_base(options: TrainOptions, device: Any, paths: Paths) -> _Base:
     """The base in float32 (4-bit NF4 for QLoRA, vision tower and projector unquantized), via Iris's loading."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    source, name = model_loading._resolve_source(ModelOptions(model=options.model, quant=options.quant), paths,
-                                                 model_loading._quiet)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"{options.model}: cannot load ({model_loading._first_line(exc)})") from None
+    source, name = model_loading.resolve_source(ModelOptions(model=options.model, quant=options.quant), paths)
+    config = model_loading.read_config(source, options.model or name)
     vision = model_loading.is_vision_config(config)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if options.quant == "4bit":
         kwargs["quantization_config"] = model_loading.quantization_config("4bit", device.type, vision)
         kwargs["device_map"] = {"": device}
-    try:
-        if vision:
-            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-            processor = AutoProcessor.from_pretrained(source)
-            tokenizer = processor.tokenizer
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            processor, tokenizer = None, AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"{options.model or name}: cannot load ({model_loading._first_line(exc)})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer, processor = model_loading.from_pretrained(source, options.model or name, vision, **kwargs)
     return _Base(model, tokenizer, processor, config, source, name, vision)
 
 
@@ -183,7 +167,7 @@ def make_trainable(base: _Base, options: TrainOptions) -> Any:
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise BadSetting(f"--target-modules {','.join(options.target_modules)}: "
-                         f"{model_loading._first_line(exc)[:160]}") from None
+                         f"{model_loading.first_line(exc)[:160]}") from None
 
 
 def param_groups(model: Any, options: TrainOptions) -> list[dict[str, Any]]:
@@ -423,10 +407,22 @@ class _OutputWriter:
                 "vision_tower": {key: getattr(vision, key, None) for key in
                                  ("model_type", "hidden_size", "num_hidden_layers", "image_size", "patch_size")}
                 if vision is not None else None,
-                "image_size": getattr(vision, "image_size", None),
+                "image_size": _input_size(base.processor) or getattr(vision, "image_size", None),
                 "projector": {"module": projector[0], "in_adapter": options.stage == "lora"}
                 if projector is not None and self.trains_projector else None,
                 "chat_template_sha256": manifest.template_hash(base.tokenizer, base.processor),
                 "dataset": self._dataset, "training": options.settings(),
             }
         return {key: (dict(value) if isinstance(value, dict) else value) for key, value in self._static.items()}
+
+
+def _input_size(processor: Any) -> int | None:
+    """The square size images reach the tower at, from the image processor (a tower's config keeps its native
+    size, e.g. DINOv2's 518, whatever the composed model uses)."""
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "crop_size" if getattr(image_processor, "do_center_crop", False) else "size", None)
+    for key in ("height", "shortest_edge"):
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from assistant.errors import IrisError
-from assistant.model import _first_line
+from assistant.model import first_line
 from assistant.vision_tower import IMAGENET_MEAN, IMAGENET_STD, make_image_processor
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def load_vision_tower(vision_dir: Path, image_size: int) -> tuple[PreTrainedMode
         source = AutoModel.from_pretrained(vision_dir, dtype=torch.float32)
         tower = AutoModel.from_config(vision_config)
     except (OSError, ValueError, KeyError) as exc:
-        raise BuildError(f"{vision_dir}: cannot load the vision tower ({_first_line(exc)})") from None
+        raise BuildError(f"{vision_dir}: cannot load the vision tower ({first_line(exc)})") from None
     state = _tower_state(source, tower, vision_dir)
     native = getattr(vision_config, "image_size", image_size)
     fixed = _fixed_positions(tower)
@@ -159,7 +159,7 @@ def _read_config(directory: Path, what: str) -> Any:
     try:
         return AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as exc:
-        raise BuildError(f"{directory}: cannot read the {what}'s config ({_first_line(exc)})") from None
+        raise BuildError(f"{directory}: cannot read the {what}'s config ({first_line(exc)})") from None
 
 
 def _tower_state(source: torch.nn.Module, tower: torch.nn.Module, vision_dir: Path) -> dict[str, torch.Tensor]:
@@ -214,7 +214,7 @@ def _load_llm(llm_dir: Path) -> tuple[PreTrainedModel, Any]:
         tokenizer = AutoTokenizer.from_pretrained(llm_dir)
         lm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
-        raise BuildError(f"{llm_dir}: cannot load the LLM ({_first_line(exc)})") from None
+        raise BuildError(f"{llm_dir}: cannot load the LLM ({first_line(exc)})") from None
     if not tokenizer.chat_template:
         raise BuildError(f"{llm_dir}: the LLM's tokenizer has no chat template; use an instruct/chat model")
     return lm, tokenizer

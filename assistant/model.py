@@ -92,7 +92,7 @@ def cached_hf_copy(gguf: Path, paths: Paths, progress: Progress = _quiet) -> Pat
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelNotFound(f"{gguf}: cannot read this GGUF file ({_first_line(exc)})") from None
+        raise ModelNotFound(f"{gguf}: cannot read this GGUF file ({first_line(exc)})") from None
     # The weights are plain dequantized tensors now; transformers refuses to save
     # while the GGUF quantizer marker is still attached.
     model.hf_quantizer = None  # type: ignore[assignment]
@@ -106,11 +106,13 @@ def cached_hf_copy(gguf: Path, paths: Paths, progress: Progress = _quiet) -> Pat
     return target
 
 
-def default_model_path(paths: Paths, progress: Progress = _quiet) -> Path:
+def default_llm_path(paths: Paths, progress: Progress = _quiet) -> Path:
+    """The embedded SmolLM2-135M-Instruct as an HF directory (text only)."""
     return cached_hf_copy(embedded_gguf_path(), paths, progress)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: library errors can span screens."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -159,10 +161,12 @@ def quantization_config(quant: str, device: str, vision: bool) -> Any | None:
     return None
 
 
-def _resolve_source(options: ModelOptions, paths: Paths, progress: Progress) -> tuple[str, str]:
+def resolve_source(options: ModelOptions, paths: Paths, progress: Progress = _quiet) -> tuple[str, str]:
     """(loadable HF dir or hub id, display name)."""
     if options.model is None:
-        return str(default_model_path(paths, progress)), "SmolLM2-135M-Instruct (embedded)"
+        from assistant.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+        return str(default_model_path(paths, progress)), DEFAULT_MODEL_NAME
     path = Path(options.model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -178,28 +182,19 @@ def _resolve_source(options: ModelOptions, paths: Paths, progress: Progress) -> 
     return options.model, options.model
 
 
-def load(options: ModelOptions, paths: Paths | None = None, progress: Progress = _quiet) -> LoadedModel:
-    """Load the model, tokenizer/processor and adapters ``options`` names; errors are ``IrisError``s."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+def read_config(source: str, display: str) -> Any:
+    from transformers import AutoConfig
 
-    paths = paths or Paths.default()
-    source, name = _resolve_source(options, paths, progress)
-    device = resolve_device(options.device)
-    quant = options.quant if options.quant != "auto" else ("4bit" if device == "cuda" else "none")
-    if quant == "int8" and device != "cpu":
-        raise BadSetting("--quant int8 is the CPU path; on a GPU use 4bit or 8bit")
-    progress(f"loading {name} on {device} ({quant})")
     try:
-        config = AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"{options.model}: cannot load ({_first_line(exc)})") from None
-    vision = is_vision_config(config)
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if device == "cuda" else torch.float32}
-    bnb = quantization_config(quant, device, vision)
-    if bnb is not None:
-        kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+        raise ModelNotFound(f"{display}: cannot load ({first_line(exc)})") from None
+
+
+def from_pretrained(source: str, display: str, vision: bool, **kwargs: Any) -> tuple[Any, Any, Any | None]:
+    """(model, tokenizer, processor or None) through the Auto classes that fit; ``ModelNotFound`` on failure."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
     try:
         if vision:
             model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
@@ -207,15 +202,36 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
             tokenizer = processor.tokenizer
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            processor = None
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            processor, tokenizer = None, AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"{options.model or name}: cannot load ({_first_line(exc)})") from None
+        raise ModelNotFound(f"{display}: cannot load ({first_line(exc)})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, processor
+
+
+def load(options: ModelOptions, paths: Paths | None = None, progress: Progress = _quiet) -> LoadedModel:
+    """Load the model, tokenizer/processor and adapters ``options`` names; errors are ``IrisError``s."""
+    import torch
+
+    paths = paths or Paths.default()
+    source, name = resolve_source(options, paths, progress)
+    device = resolve_device(options.device)
+    quant = options.quant if options.quant != "auto" else ("4bit" if device == "cuda" else "none")
+    if quant == "int8" and device != "cpu":
+        raise BadSetting("--quant int8 is the CPU path; on a GPU use 4bit or 8bit")
+    progress(f"loading {name} on {device} ({quant})")
+    config = read_config(source, options.model or name)
+    vision = is_vision_config(config)
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if device == "cuda" else torch.float32}
+    bnb = quantization_config(quant, device, vision)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    model, tokenizer, processor = from_pretrained(source, options.model or name, vision, **kwargs)
     if bnb is None:
         model.to(device)  # type: ignore[arg-type]
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     loaded = LoadedModel(model=model, tokenizer=tokenizer, processor=processor, accepts_images=vision, name=name,
                          device=device, quant="none" if quant == "int8" else quant,
                          context_length=context_length_of(config), fingerprint=base_fingerprint(config))
@@ -273,7 +289,7 @@ def check_adapter_weights(path: Path, base: Any) -> None:
         with safe_open(str(weights), framework="pt") as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
-        raise BadAdapter(f"{path}: corrupt adapter weights ({_first_line(exc)[:120]})") from None
+        raise BadAdapter(f"{path}: corrupt adapter weights ({first_line(exc)[:120]})") from None
     modules = dict(base.named_modules())
     for key, shape in shapes.items():
         for kind, axis in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
@@ -319,12 +335,12 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
         else:
             loaded.model = PeftModel.from_pretrained(loaded.model, str(path), adapter_name=name, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
-        message = _first_line(exc)
+        message = first_line(exc)
         if "size mismatch" in message or "not found in the base model" in message or "Target modules" in message:
             raise AdapterMismatch(f"{path}: adapter does not fit this base model ({message[:160]})") from None
         raise BadAdapter(f"{path}: cannot load adapter ({message[:160]})") from None
     except OSError as exc:
-        raise BadAdapter(f"{path}: corrupt adapter weights ({_first_line(exc)[:160]})") from None
+        raise BadAdapter(f"{path}: corrupt adapter weights ({first_line(exc)[:160]})") from None
     loaded.model.eval()
     loaded.adapters[name] = str(path)
     return name

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from assistant.config import Paths  # noqa: E402
-from assistant.model import default_model_path, quantization_config  # noqa: E402
+from assistant.model import default_llm_path, quantization_config  # noqa: E402
 
 
 def linear_bytes(model) -> int:  # type: ignore[no-untyped-def]
@@ -78,7 +78,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    rows = [("SmolLM2-135M (default)", measure(str(default_model_path(Paths.default()))))]
+    rows = [("SmolLM2-135M (default)", measure(str(default_llm_path(Paths.default()))))]
     with tempfile.TemporaryDirectory() as work:
         rows.append(("Llama-shaped 1B (random)", measure(random_1b(Path(work) / "llama-1b"))))
     header = f"{'model':<26} {'bf16 MiB':>9} {'4bit MiB':>9} {'ratio':>6}"

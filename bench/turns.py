@@ -1,8 +1,6 @@
 """Time to first token across a 20-turn conversation with 2 images, with and without caches.
 
-The default model is used when it reads images; otherwise the embedded LLM is
-composed with the offline DINOv2 tower (untrained projector: timing only).
-Prints TTFT per turn for both runs side by side and the turn-20 / turn-1 ratios
+Uses the default (vision) model. Prints TTFT per turn for both runs side by side and the turn-20 / turn-1 ratios
 (target with caching: <= 1.5). Run: ``python bench/turns.py``.
 """
 
@@ -24,22 +22,6 @@ from assistant.vision import load_image_bytes  # noqa: E402
 
 TURNS = 20
 OPTIONS = GenerationOptions(temperature=0, max_new_tokens=24)
-
-
-def vision_model_options(work: Path) -> ModelOptions:
-    """The default model if it reads images, else a freshly composed LLaVA of the offline parts."""
-    from assistant.model import default_model_path, is_vision_config
-
-    paths = Paths.default()
-    from transformers import AutoConfig
-
-    if is_vision_config(AutoConfig.from_pretrained(default_model_path(paths))):
-        return ModelOptions(quant="none")
-    from assistant.compose import compose_llava
-    from assistant.vision_tower import default_vision_tower_dir
-
-    out = compose_llava(default_model_path(paths), default_vision_tower_dir(paths), work / "composed")
-    return ModelOptions(model=str(out), quant="none")
 
 
 def sample_images() -> list:  # type: ignore[type-arg]
@@ -77,9 +59,8 @@ def run(backend: LocalBackend, store: Store, images: list) -> tuple[list[float],
 def main() -> None:
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)
-        options = vision_model_options(work)
         images = sample_images()
-        loaded = load(options, Paths.default())
+        loaded = load(ModelOptions(quant="none"), Paths.default())
         cached = LocalBackend(loaded)
         uncached = LocalBackend(loaded, kv_cache_bytes=0, feature_cache_bytes=0)
         run(uncached, Store(work / "warmup.db"), images)  # warm up kernels and allocators once

@@ -23,7 +23,7 @@ def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) direct
           seed: Annotated[int, typer.Option("--seed", help="Seed of the fresh projector.")] = 0) -> None:
     """Compose a LLaVA model from an LLM and a vision tower; its projector is untrained until `iris train`."""
     from assistant.compose import BUILD_FILE, check_image_size, check_out_dir, compose_llava
-    from assistant.model import default_model_path
+    from assistant.model import default_llm_path
     from assistant.vision_tower import default_vision_tower_dir
 
     paths = Paths.default()
@@ -35,7 +35,7 @@ def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) direct
         check_out_dir(out)  # the cheap checks come before any slow default conversion
         vision_dir = vision or default_vision_tower_dir(paths)
         check_image_size(vision_dir, image_size)
-        llm_dir = llm or default_model_path(paths, progress)
+        llm_dir = llm or default_llm_path(paths, progress)
         progress(f"composing {llm_dir.name} + {vision_dir.name} at {image_size} px")
         result = compose_llava(llm_dir, vision_dir, out, image_size=image_size, seed=seed)
     except IrisError as error:

@@ -162,3 +162,20 @@ def test_resume_after_restart_continues_the_stored_conversation(
     assert (iris_home / "data" / "input_history").read_text().count("my name is Ada") == 1
     missing = cli_runner.invoke(app, ["chat", "--resume", "999"])
     assert missing.exit_code == 1 and "no conversation with id 999" in missing.output
+
+
+def test_tab_completes_slash_commands_and_file_paths(sample_png: Path, tmp_path: Path) -> None:
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from cli.prompt_input import ChatCompleter
+
+    completer = ChatCompleter()
+
+    def complete(text: str) -> list[str]:
+        return [c.text for c in completer.get_completions(Document(text, len(text)), CompleteEvent())]
+
+    assert complete("/ima") == ["/image"]
+    assert "/history" in complete("/h")
+    assert complete(f"look at {tmp_path}/astro") == ["naut.png"]
+    assert complete("plain words") == []

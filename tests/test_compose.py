@@ -230,12 +230,12 @@ def test_cli_errors_are_one_line(parts: dict[str, Path], tmp_path: Path, size: s
 @pytest.mark.slow
 def test_real_smollm2_with_dinov2(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The embedded SmolLM2 + the converted DINOv2 ViT-S/14: 112 px costs 64 tokens, the LM is unchanged."""
-    from assistant.model import default_model_path
+    from assistant.model import default_llm_path
     from assistant.vision_tower import default_vision_tower_dir
 
     root = tmp_path_factory.mktemp("real_build")
     paths = Paths(data=root / "data", cache=root / "cache", config=root / "config")
-    llm_dir = default_model_path(paths)
+    llm_dir = default_llm_path(paths)
     out = compose_llava(llm_dir, default_vision_tower_dir(paths), root / "llava", image_size=112)
     loaded = load(ModelOptions(model=str(out), quant="none"), paths)
     backend = LocalBackend(loaded)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from assistant.config import GenerationOptions, ModelOptions, Paths
+from assistant.default_model import default_model_path
 from assistant.engine import LocalBackend
 from assistant.messages import Message, Role
-from assistant.model import default_model_path, embedded_gguf_path, load
+from assistant.model import embedded_gguf_path, load
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +55,15 @@ def test_default_model_in_4bit_with_a_lora_adapter(real_paths: Paths, tmp_path: 
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import LlavaForConditionalGeneration
 
     loaded = load(ModelOptions(quant="4bit"), real_paths)
-    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules()) == 30 * 7  # 7 per layer
+    quantized = [name for name, m in loaded.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 30 * 7 and all("language_model" in name for name in quantized)  # 7 per layer
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(default_model_path(real_paths))
-    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    base = LlavaForConditionalGeneration.from_pretrained(default_model_path(real_paths))
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                                              init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "tiny-lora")
     loaded4 = load(ModelOptions(quant="4bit", adapters=(str(tmp_path / "tiny-lora"),)), real_paths)
     backend = LocalBackend(loaded4)
