@@ -35,7 +35,8 @@ def llama_server(threads: int = 2, timeout: float = 120.0) -> Iterator[str]:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited: {process.stderr.read()[-2000:] if process.stderr else ''}")
+                output = process.stderr.read()[-2000:] if process.stderr else ""
+                raise RuntimeError(f"llama_cpp.server exited: {output}")
             try:
                 with urllib.request.urlopen(url + "/models", timeout=2) as response:
                     if json.loads(response.read())["data"]:

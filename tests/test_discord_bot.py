@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from fakes import FakeBackend
 from discord_harness import Harness, fast_settings
+from fakes import FakeBackend
 
 from assistant.config import GenerationOptions
 from assistant.dialogue import DialogueManager

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fakes import FakeBackend
 from discord_harness import Harness, fast_settings
+from fakes import FakeBackend
 
 from assistant.dialogue import DialogueManager
 from assistant.store import Store

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from llama_server import MODEL_ALIAS, llama_server
 
 from assistant.config import GenerationOptions
 from assistant.dialogue import DialogueManager
 from assistant.messages import Message, Role
 from assistant.openai_backend import OpenAIBackend
 from assistant.store import Store
-from llama_server import MODEL_ALIAS, llama_server
 
 pytestmark = pytest.mark.slow
 
