@@ -38,7 +38,9 @@ app = typer.Typer(help="Iris: a local multimodal assistant.", no_args_is_help=Tr
 history_app = typer.Typer(help="List, show, export and delete stored conversations.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
 
+
 def fail(error: IrisError) -> typer.Exit:
+    """Print a user error as one line on stderr; the caller raises the returned exit (status 1)."""
     Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
@@ -115,11 +117,11 @@ def ask(question: Annotated[str, typer.Argument(help="The question.")],
     except IrisError as error:
         raise fail(error) from None
     try:
-        conversation_id = manager.new_conversation(source="ask", title=question[:60])
-        if temperature is not None:
-            manager.set_option(conversation_id, "temperature", str(temperature))
-        if max_new_tokens is not None:
-            manager.set_option(conversation_id, "max_new_tokens", str(max_new_tokens))
+        options = settings.generation
+        for name, value in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
+            if value is not None:
+                options = options.with_setting(name, str(value))  # checked before anything is stored
+        conversation_id = manager.new_conversation(source="ask", title=question[:60], options=options)
         started = time.perf_counter()
         turn = manager.send(conversation_id, question, images)
         if as_json:

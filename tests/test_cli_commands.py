@@ -41,12 +41,14 @@ def test_ask_json_record_with_images(fake: FakeBackend, sample_png: Path, sample
 @pytest.mark.parametrize("args, expected", [
     (["--image", "/no/such/file.png"], "/no/such/file.png: no such file"),
     (["--quant", "3bit"], "--quant must be one of"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
 ])
 def test_ask_errors_are_one_line_without_traceback(fake: FakeBackend, args: list[str], expected: str) -> None:
     result = runner.invoke(app, ["ask", "hi", *args])
     assert result.exit_code == 1
     assert expected in result.output and "Traceback" not in result.output
     assert result.output.strip().count("\n") == 0
+    assert runner.invoke(app, ["history", "list"]).stdout == ""  # nothing was stored
 
 
 def test_missing_model_path_is_a_one_line_error(tmp_path: Path) -> None:
