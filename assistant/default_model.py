@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,5 +60,7 @@ def _merge_shipped_weights(model_dir: Path) -> None:
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
     check_manifest(SHIPPED_WEIGHTS, base_fingerprint(model.config))
-    merged = PeftModel.from_pretrained(model, str(SHIPPED_WEIGHTS)).merge_and_unload()
+    with warnings.catch_warnings():  # PEFT touches a deprecated transformers property; not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        merged = PeftModel.from_pretrained(model, str(SHIPPED_WEIGHTS)).merge_and_unload()
     merged.save_pretrained(model_dir)
