@@ -26,6 +26,10 @@ BACKGROUNDS = ("white", "black", "gray", "yellow", "blue")
 SHAPES = ("circle", "square", "triangle", "star")
 SIDES = ("left", "right")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+# Ways people ask for a caption; varied so a model trained on this answers more than one phrasing.
+CAPTION_PROMPTS = ("Describe the image.", "What is in this image?", "What do you see?", "Describe this picture.",
+                   "What's in the picture?", "What is this?", "Tell me what the image shows.",
+                   "Can you describe this image?")
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def synthesize(out_dir: Path, n: int, seed: int) -> Path:
         draw_scene(scene, rng).save(out_dir / name, format="PNG")
         pairs = scene.questions()
         rng.shuffle(pairs)
-        conversation = [{"from": "human", "value": "<image>\nDescribe the image."},
+        conversation = [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
                         {"from": "gpt", "value": scene.caption()}]
         for question, answer in pairs[:rng.randint(2, 3)]:
             conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]

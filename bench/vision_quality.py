@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.synth import COLOURS, COUNT_WORDS, SHAPES, SIDES, synthesize  # noqa: E402
+from adapters.synth import CAPTION_PROMPTS, COLOURS, COUNT_WORDS, SHAPES, SIDES, synthesize  # noqa: E402
 from assistant.config import GenerationOptions, ModelOptions, Paths  # noqa: E402
 from assistant.engine import LocalBackend  # noqa: E402
 from assistant.messages import Message, Role  # noqa: E402
@@ -30,6 +30,8 @@ OPTIONS = GenerationOptions(temperature=0, max_new_tokens=24)
 
 
 def kind_of(question: str) -> str:
+    if question in CAPTION_PROMPTS:
+        return "describe"
     lowered = question.lower()
     for kind in ("describe", "colour is the background", "how many", "where", "colour", "shape"):
         if kind in lowered:
