@@ -98,9 +98,8 @@ class LocalBackend:
                 torch.set_num_threads(1)
             try:
                 with torch.inference_mode(), self._adapter_scope(adapter):
-                    inputs, reusable = self._inputs(messages, adapter)
-                    token_ids = tuple(inputs["input_ids"][0].tolist())
-                    hit = self.prefix_cache.take(adapter, token_ids) if reusable else None
+                    inputs, cache_key = self._inputs(messages, adapter)
+                    hit = self.prefix_cache.take(adapter, cache_key) if cache_key is not None else None
                     if hit is not None:
                         inputs["cache"] = hit.cache
                     if options.seed is not None:
@@ -109,9 +108,10 @@ class LocalBackend:
                                             stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
                                             pad_token_id=self.loaded.tokenizer.pad_token_id,
                                             return_dict_in_generate=True)
-                    if reusable and getattr(output, "cache", None) is not None:
+                    if cache_key is not None and getattr(output, "cache", None) is not None:
                         length = output.cache.get_seq_length()
-                        self.prefix_cache.store(adapter, tuple(output.sequences[0][:length].tolist()), output.cache)
+                        generated = tuple(output.sequences[0][len(cache_key):length].tolist())
+                        self.prefix_cache.store(adapter, (cache_key + generated)[:length], output.cache)
             except BaseException as exc:  # re-raised in the consumer thread below
                 failure.append(exc)
                 streamer.end()
@@ -131,30 +131,38 @@ class LocalBackend:
         if failure:
             raise failure[0]
 
-    def _inputs(self, messages: Sequence[Message], adapter: str | None) -> tuple[dict[str, Any], bool]:
-        """Generation inputs, and whether their KV cache may be reused by a later prompt.
+    def _inputs(self, messages: Sequence[Message],
+                adapter: str | None) -> tuple[dict[str, Any], tuple[int, ...] | None]:
+        """Generation inputs, and the key their KV cache is stored under (None: not reusable).
 
-        Text-only prompts and LLaVA-style prompts (image features spliced into
-        the embeddings here) are position-for-position reusable; other vision
-        families get the processor's own inputs and a cold prefill.
+        The key is the token ids with each image's placeholder tokens replaced by a value
+        derived from that image's hash: the same text with another picture must not match.
+        Text-only prompts and LLaVA-style prompts (image features spliced into the embeddings
+        here) are position-for-position reusable; other vision families get the processor's
+        own inputs and a cold prefill.
         """
         import torch
 
         encoded = self.renderer.encode(messages)
         device = self.loaded.model.device
         inputs = {key: value.to(device) for key, value in encoded.items()}
+        token_ids = inputs["input_ids"][0].tolist()
         images = [image for message in messages for image in message.images]
         if not images:
-            return inputs, True
+            return inputs, tuple(token_ids)
         if not self._splices_image_features(encoded):
-            return inputs, False
+            return inputs, None
         input_ids = inputs["input_ids"]
         embeddings = self.loaded.model.get_input_embeddings()(input_ids)
-        features = torch.cat([self.image_features(image, adapter) for image in images]).to(embeddings.dtype)
+        per_image = [self.image_features(image, adapter) for image in images]
+        features = torch.cat(per_image).to(embeddings.dtype)
         mask = (input_ids == self.loaded.model.config.image_token_id).unsqueeze(-1)
         inputs = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"],
                   "inputs_embeds": embeddings.masked_scatter(mask, features)}
-        return inputs, True
+        image_values = iter([-1 - int(image.sha256[:15], 16) for image, f in zip(images, per_image, strict=True)
+                             for _ in range(f.shape[0])])
+        image_token = self.loaded.model.config.image_token_id
+        return inputs, tuple(next(image_values) if token == image_token else token for token in token_ids)
 
     def _splices_image_features(self, encoded: dict[str, Any]) -> bool:
         config = self.loaded.model.config

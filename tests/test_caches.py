@@ -133,3 +133,18 @@ def test_interleaved_conversations_keep_their_own_caches(model_dirs: dict[str, P
     manager.send(second, "beta " * 10).run()  # shares only the system prompt: copies, does not steal
     manager.send(first, "gamma").run()
     assert prefills[2] < 30 and len(backend.prefix_cache) == 2
+
+
+def test_same_text_with_another_image_does_not_reuse_the_first_images_cache(
+        model_dirs: dict[str, Path], sample_png: Path, sample_jpg: Path) -> None:
+    from assistant.messages import Message, Role
+
+    warm = _backend(model_dirs["llava"])
+    cold = _backend(model_dirs["llava"], kv_cache_bytes=0, feature_cache_bytes=0)
+    png, jpg = load_image_path(sample_png), load_image_path(sample_jpg)
+    answers = {}
+    for name, image in (("png", png), ("jpg", jpg), ("png again", png)):
+        messages = [Message(Role.USER, "describe", (image,))]
+        answers[name] = "".join(warm.stream(messages, GREEDY))
+        assert answers[name] == "".join(cold.stream(messages, GREEDY))
+    assert answers["png"] == answers["png again"] and answers["png"] != answers["jpg"]
