@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant.errors import AdapterMismatch, BadAdapter
-from assistant.model import MANIFEST_FILE
+from assistant.model import MANIFEST_FILE, read_adapter_json
 
 PROJECTOR_FILE = "projector.safetensors"
 MANIFEST_FORMAT = 1
@@ -26,16 +26,9 @@ PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector")
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     """The manifest of an adapter directory, or None when it has none; ``BadAdapter`` if corrupt."""
-    path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
+    if not (Path(directory) / MANIFEST_FILE).is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadAdapter(f"{directory}: corrupt {MANIFEST_FILE} ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise BadAdapter(f"{directory}: corrupt {MANIFEST_FILE} (not an object)")
-    return manifest
+    return read_adapter_json(Path(directory), MANIFEST_FILE)
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:

@@ -247,6 +247,17 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     return loaded
 
 
+def read_adapter_json(directory: Path, name: str) -> dict[str, Any]:
+    """A JSON object file of an adapter directory; ``BadAdapter`` naming the file if it is corrupt."""
+    try:
+        value = json.loads((Path(directory) / name).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadAdapter(f"{directory}: corrupt {name} ({exc})") from None
+    if not isinstance(value, dict):
+        raise BadAdapter(f"{directory}: corrupt {name} (not an object)")
+    return value
+
+
 def check_adapter_dir(path: Path, fingerprint: str, *, trust_pickle: bool = False) -> dict[str, Any]:
     """Validate an adapter directory before PEFT touches it; returns its ``adapter_config.json``."""
     if not path.is_dir():
@@ -259,12 +270,7 @@ def check_adapter_dir(path: Path, fingerprint: str, *, trust_pickle: bool = Fals
             check_manifest(path, fingerprint)
             return {}
         raise BadAdapter(f"{path}: not a PEFT adapter (no adapter_config.json)")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadAdapter(f"{path}: corrupt adapter_config.json ({exc})") from None
-    if not isinstance(config, dict):
-        raise BadAdapter(f"{path}: corrupt adapter_config.json (not an object)")
+    config = read_adapter_json(path, "adapter_config.json")
     has_safetensors = (path / "adapter_model.safetensors").is_file()
     if not has_safetensors:
         if (path / "adapter_model.bin").is_file() and not trust_pickle:
