@@ -143,11 +143,6 @@ class PrefixKVCache:
         """Keep ``cache``, which holds the KV of exactly ``token_ids``."""
         self._lru.put((adapter, token_ids), cache, kv_cache_bytes(cache))
 
-    def clear(self) -> None:
-        for key in self._lru.keys():
-            self._lru.pop(key)
-
-
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     limit = min(len(a), len(b))
     index = 0

@@ -117,10 +117,6 @@ class Turn:
     def cancel(self) -> None:
         self._cancel.set()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
     def __iter__(self) -> Iterator[str]:
         if self._started:
             raise RuntimeError("a Turn can be iterated only once")

@@ -260,11 +260,6 @@ class Store:
         return Message(role=Role(row["role"]), text=row["text"], images=images,
                        interrupted=bool(row["interrupted"]), author=row["author"], id=row["id"])
 
-    def message_conversation(self, message_id: int) -> int | None:
-        with self._lock:
-            row = self._db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
-        return None if row is None else int(row[0])
-
     def attachment_count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM attachments").fetchone()[0])

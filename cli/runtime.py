@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -95,6 +94,3 @@ def open_manager(settings: Settings, paths: Paths) -> tuple[DialogueManager, Sto
                               default_options=settings.generation)
     return manager, store
 
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
