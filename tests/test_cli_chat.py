@@ -179,3 +179,17 @@ def test_tab_completes_slash_commands_and_file_paths(sample_png: Path, tmp_path:
     assert "/history" in complete("/h")
     assert complete(f"look at {tmp_path}/astro") == ["naut.png"]
     assert complete("plain words") == []
+
+
+def test_bad_slash_arguments_are_one_line_errors(manager: DialogueManager, tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("x")
+    keys = (f"hello\r/load abc\r/load 999\r/save\r/save {a_file}\r/image\r/set temperature\r/system\r"
+            "still fine\r/exit\r")
+    output = run_session(manager, keys, tmp_path)
+    for expected in ("error: usage: /load ID (see /history)", "error: no conversation with id 999",
+                     "error: /save needs a directory: /save DIR", f"error: {a_file}: exists and is not a directory",
+                     "error: /image needs a path: /image PATH",
+                     "error: usage: /set NAME VALUE (e.g. /set temperature 0.2)"):
+        assert expected in output
+    assert [m.text for m in manager.history(1)] == ["hello", "echo: hello", "still fine", "echo: still fine"]
