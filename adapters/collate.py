@@ -12,10 +12,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from adapters.dataset import Sample
+from assistant.architecture import Architecture
 from assistant.errors import BadDataset
 from assistant.prompt import PromptRenderer
-
-TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def split_samples(samples: Sequence[Sample], eval_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -57,29 +56,58 @@ class EncodedDataset:
 
 
 class Collator:
-    """Right-pads text tensors (labels with -100) and concatenates image tensors along their first axis."""
+    """Pads a batch the way each family's model expects it.
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    Per-token tensors (``input_ids``, ``attention_mask``, ``labels`` and extras such as Gemma3's
+    ``token_type_ids`` or Qwen's ``mm_token_type_ids``: any tensor shaped like ``input_ids``) are
+    right-padded. Image tensors are zero-padded on their inner axes (LLaVA-NeXT's patch count, Idefics3's
+    image count) and joined along the first axis: one row per image for most families, one per sample
+    where the contract says the processor stacks images per sample (a sample without images then gets an
+    all-zero row, which those models skip as padding).
+    """
+
+    def __init__(self, pad_token_id: int, architecture: Architecture) -> None:
+        self.fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+        self.architecture = architecture
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         length = max(int(example["input_ids"].shape[-1]) for example in examples)
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
-        batch: dict[str, Any] = {}
-        for key in TEXT_KEYS:
-            rows = torch.full((len(examples), length), fill[key], dtype=torch.long)
-            for row, example in enumerate(examples):
-                values = example[key][0]
-                rows[row, : values.shape[-1]] = values
-            batch[key] = rows
-        extra = sorted({key for example in examples for key in example} - set(TEXT_KEYS) - {"image_keys"})
-        for key in extra:
-            parts = [example[key] for example in examples if key in example]
-            batch[key] = torch.cat(parts, dim=0)
+        token_shape = {key for example in examples for key, value in example.items()
+                       if key != "image_keys" and tuple(value.shape) == tuple(example["input_ids"].shape)}
+        batch: dict[str, Any] = {key: self._pad_tokens(examples, key, length) for key in sorted(token_shape)}
+        image_inputs = sorted({key for example in examples for key in example} - token_shape - {"image_keys"})
+        for key in image_inputs:
+            batch[key] = self._join_images(examples, key)
         batch["image_keys"] = [key for example in examples for key in example["image_keys"]]
         return batch
+
+    def _pad_tokens(self, examples: Sequence[dict[str, Any]], key: str, length: int) -> Any:
+        import torch
+
+        first = next(example[key] for example in examples if key in example)
+        rows = torch.full((len(examples), length), self.fill.get(key, 0), dtype=first.dtype)
+        for row, example in enumerate(examples):
+            values = example[key][0]
+            rows[row, : values.shape[-1]] = values
+        return rows
+
+    def _join_images(self, examples: Sequence[dict[str, Any]], key: str) -> Any:
+        import torch
+
+        present = [example[key] for example in examples if key in example]
+        inner = [max(int(t.shape[axis]) for t in present) for axis in range(1, present[0].dim())]
+        parts = []
+        for example in examples:
+            if key in example:
+                tensor = example[key]
+            elif self.architecture.images_per_sample:
+                tensor = torch.zeros((1, *inner), dtype=present[0].dtype)
+            else:
+                continue
+            padded = torch.zeros((tensor.shape[0], *inner), dtype=tensor.dtype)
+            padded[(slice(None), *(slice(0, size) for size in tensor.shape[1:]))] = tensor
+            parts.append(padded)
+        return torch.cat(parts, dim=0)
 
 
 class EpochSampler:

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from assistant.errors import BadSetting
-
-
-def image_token_id(config: Any) -> int | None:
-    value = getattr(config, "image_token_id", None)
-    return value if value is not None else getattr(config, "image_token_index", None)
+from assistant.architecture import Architecture
 
 
 def _unwrap_peft(model: Any) -> Any:
@@ -24,17 +19,17 @@ def _unwrap_peft(model: Any) -> Any:
 class FeatureCache:
     """Frozen vision-tower outputs per image SHA-256: computed on first sight, reused every later epoch.
 
-    Only LLaVA-style models (``vision_tower`` → ``multi_modal_projector``, one feature row per image)
-    are supported; the projector still runs (and trains) on the cached features every step.
+    Only families whose image features splice into the embeddings (the architecture contract says
+    which) can cache; for the others the cache stays off (``enabled`` is False) and training runs the
+    tower every step. The projector still runs (and trains) on the cached features every step.
     """
 
-    def __init__(self, model: Any, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, model: Any, architecture: Architecture, requested: bool) -> None:
+        self.enabled = requested and architecture.splices_features
+        self.architecture = architecture
         self.base = _unwrap_peft(model)
         self.features: dict[str, Any] = {}
         self.computed = 0
-        if enabled and getattr(self.base.config, "model_type", None) != "llava":
-            raise BadSetting(f"--cache-features supports LLaVA-style models, not {self.base.config.model_type!r}")
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Batch for the loss: ``image_features`` instead of ``pixel_values`` when caching."""
@@ -60,7 +55,8 @@ class FeatureCache:
         import torch
 
         config = self.base.config
-        tower = self.base.model.vision_tower
+        assert self.architecture.vision_tower is not None
+        tower = self.base.get_submodule(self.architecture.vision_tower)
         hidden = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True).hidden_states
         layers = config.vision_feature_layer
         pool = [hidden[layers]] if isinstance(layers, int) else [hidden[index] for index in layers]
@@ -69,7 +65,7 @@ class FeatureCache:
         return torch.cat(pool, dim=-1)
 
 
-def loss_module(model: Any, projector_name: str | None, image_token_id: int | None) -> Any:
+def loss_module(model: Any, architecture: Architecture) -> Any:
     """An ``nn.Module`` whose forward returns the loss, so DDP sees every trainable use inside forward."""
     import torch
 
@@ -83,8 +79,9 @@ def loss_module(model: Any, projector_name: str | None, image_token_id: int | No
             if image_features is None:
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra).loss
             embeds = self.model.get_input_embeddings()(input_ids)
-            projected = self.model.get_submodule(projector_name)(image_features).to(embeds.dtype)
-            mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(embeds)
+            projector = _unwrap_peft(self.model).get_submodule(architecture.projector)
+            projected = projector(image_features).to(embeds.dtype)
+            mask = (input_ids == architecture.image_token_id).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(mask, projected)
             return self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
 

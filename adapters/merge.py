@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.manifest import PROJECTOR_FILE, read_manifest, write_manifest
+from adapters.manifest import write_manifest
+from assistant.adapter_files import PROJECTOR_FILE, read_manifest
+from assistant.builders.default_model import with_default_model
 from assistant.config import ModelOptions, Paths
 from assistant.errors import BadAdapter, BadSetting
 from assistant.messages import ImageAttachment, Message, Role
@@ -52,7 +54,10 @@ def merged(adapter_dir: Path, *, model: str | None = None, quant: str = "none", 
     adapter_dir = Path(adapter_dir).expanduser()
     if not adapter_dir.is_dir():
         raise BadAdapter(f"{adapter_dir}: no such adapter directory")
-    loaded = load(ModelOptions(model=adapter_base(adapter_dir, model), quant=quant, device=device), paths)
+    paths = paths or Paths.default()
+    options = ModelOptions(model=adapter_base(adapter_dir, model), quant=quant, device=device)
+    loaded = load(with_default_model(options, paths), paths)
+    loaded.architecture.require("merging adapters")
     if loaded.quant == "4bit" or getattr(loaded.model, "is_loaded_in_4bit", False):
         if not dequantize:
             raise BadSetting("the base is 4-bit: merging would round the result back to 4-bit (lossy); pass "
@@ -105,11 +110,11 @@ def export_adapter(adapter_dir: Path, out: Path, **options: Any) -> ExportCheck:
 def load_plain(directory: Path) -> Any:
     """Load with plain transformers, as a user of the export would (no Iris code)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(directory)
-    vision = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    loader = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    from assistant.architecture import is_vision_config
+
+    loader = AutoModelForImageTextToText if is_vision_config(AutoConfig.from_pretrained(directory)) \
+        else AutoModelForCausalLM
     return loader.from_pretrained(directory).eval()
 
 

@@ -24,16 +24,17 @@ from typing import Any, cast
 from adapters import checkpoint, manifest
 from adapters.collate import Collator, EncodedDataset, EpochSampler, split_samples
 from adapters.dataset import read_dataset
-from adapters.features import FeatureCache, image_token_id, loss_module
+from adapters.features import FeatureCache, loss_module
 from adapters.report import MetricsLog, plot_loss
 from assistant import model as model_loading
+from assistant.architecture import DEFAULT_LORA_MODULES, Architecture, describe_model
+from assistant.builders.default_model import with_default_model
 from assistant.config import ModelOptions, Paths
-from assistant.errors import BadSetting
+from assistant.errors import BadSetting, one_line
 from assistant.prompt import PromptRenderer
 
 STAGES = ("projector", "lora")
 TRAIN_QUANTS = ("none", "4bit")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WARMUP_FRACTION = 0.05  # of the total steps, linear from 0; then cosine down to MIN_LR_FRACTION
 MIN_LR_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
@@ -59,7 +60,7 @@ class TrainOptions:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] = DEFAULT_LORA_MODULES
     eval_split: float = 0.0
     seed: int = 0
     save_every: int = 0
@@ -115,33 +116,37 @@ class _Base:
     tokenizer: Any
     processor: Any | None
     config: Any
+    architecture: Architecture
     source: str
     name: str
-    vision: bool
+
+    @property
+    def vision(self) -> bool:
+        return self.architecture.accepts_images
 
 
 def load_base(options: TrainOptions, device: Any, paths: Paths) -> _Base:
-    """The base in float32 (4-bit NF4 for QLoRA, vision tower and projector unquantized), via Iris's loading."""
+    """The base in float32 (4-bit NF4 for QLoRA, what the contract keeps in full precision unquantized)."""
     import torch
 
-    source, name = model_loading.resolve_source(ModelOptions(model=options.model, quant=options.quant), paths)
-    config = model_loading.read_config(source, options.model or name)
-    vision = model_loading.is_vision_config(config)
+    model_options = with_default_model(ModelOptions(model=options.model, quant=options.quant), paths)
+    source, name = model_loading.resolve_source(model_options, paths)
+    config = model_loading.read_config(source, name)
+    architecture = model_loading.describe(config)
+    architecture.require("training")
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if options.quant == "4bit":
-        kwargs["quantization_config"] = model_loading.quantization_config("4bit", device.type, vision)
+        kwargs["quantization_config"] = model_loading.quantization_config("4bit", device.type, architecture)
         kwargs["device_map"] = {"": device}
-    model, tokenizer, processor = model_loading.from_pretrained(source, options.model or name, vision, **kwargs)
-    return _Base(model, tokenizer, processor, config, source, name, vision)
+    model, tokenizer, processor = model_loading.from_pretrained(source, name, architecture, **kwargs)
+    return _Base(model, tokenizer, processor, config, describe_model(model), source, name)
 
 
 def make_trainable(base: _Base, options: TrainOptions) -> Any:
     """Freeze what does not train; wrap in PEFT LoRA for the lora stage. Returns the model to optimize."""
     model = base.model
-    projector = manifest.find_projector(model)
+    projector = base.architecture.projector
     train_projector = base.vision and options.lr_projector > 0
-    if base.vision and projector is None:
-        raise BadSetting(f"{base.name}: no vision projector found ({', '.join(manifest.PROJECTOR_NAMES)})")
     if options.stage == "projector" and not base.vision:
         raise BadSetting(f"{base.name} is a text-only model: --stage projector needs a vision-language model")
     if options.quant == "4bit":
@@ -154,28 +159,26 @@ def make_trainable(base: _Base, options: TrainOptions) -> Any:
     model.requires_grad_(False)
     if options.stage == "projector":
         assert projector is not None
-        projector[1].requires_grad_(True)
+        model.get_submodule(projector).requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
-    names = "|".join(options.target_modules)
-    targets: Any = rf".*language_model.*\.({names})" if base.vision else list(options.target_modules)
     lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM",
-                      modules_to_save=[projector[0].split(".")[-1]] if train_projector and projector else None)
+                      target_modules=base.architecture.lora_targets(options.target_modules), task_type="CAUSAL_LM",
+                      modules_to_save=[projector] if train_projector and projector else None)
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
-        raise BadSetting(f"--target-modules {','.join(options.target_modules)}: "
-                         f"{model_loading.first_line(exc)[:160]}") from None
+        raise BadSetting(f"--target-modules {','.join(options.target_modules)}: {one_line(exc)}") from None
 
 
-def param_groups(model: Any, options: TrainOptions) -> list[dict[str, Any]]:
+def param_groups(model: Any, options: TrainOptions, architecture: Architecture) -> list[dict[str, Any]]:
     """Separate learning rates: projector tensors (incl. PEFT's trainable copy) and LoRA tensors."""
     groups: dict[str, list[Any]] = {"projector": [], "lora": []}
+    projector = f"{architecture.projector}." if architecture.projector else None
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            is_projector = any(part in manifest.PROJECTOR_NAMES for part in name.split("."))
+            is_projector = projector is not None and projector in f"{name}."
             groups["projector" if is_projector else "lora"].append(parameter)
     lrs = {"projector": options.lr_projector, "lora": options.lr_lora}
     return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
@@ -225,7 +228,7 @@ def train(options: TrainOptions, paths: Paths | None = None, show_progress: bool
     base = load_base(options, accelerator.device, paths)
     model = make_trainable(base, options)
     renderer = PromptRenderer(base.tokenizer, base.processor)
-    collate = Collator(base.tokenizer.pad_token_id)
+    collate = Collator(base.tokenizer.pad_token_id, base.architecture)
     context = model_loading.context_length_of(base.config)
     train_set, eval_set = EncodedDataset(train_samples, renderer), EncodedDataset(eval_samples, renderer)
     train_set.check_lengths(context)
@@ -235,10 +238,9 @@ def train(options: TrainOptions, paths: Paths | None = None, show_progress: bool
     # dropout masks would differ from an uninterrupted run's.
     loader: Any = DataLoader(cast(Any, train_set), batch_size=options.batch_size, sampler=sampler, collate_fn=collate,
                         generator=torch.Generator().manual_seed(options.seed))
-    cache = FeatureCache(model, options.cache_features)
-    projector = manifest.find_projector(model)
-    forward = loss_module(model, projector[0] if projector else None, image_token_id(base.config))
-    optimizer = torch.optim.AdamW(param_groups(model, options), weight_decay=0.0)
+    cache = FeatureCache(model, base.architecture, options.cache_features)
+    forward = loss_module(model, base.architecture)
+    optimizer = torch.optim.AdamW(param_groups(model, options, base.architecture), weight_decay=0.0)
     forward, optimizer, loader = accelerator.prepare(forward, optimizer, loader)
     eval_loader = (accelerator.prepare(DataLoader(cast(Any, eval_set), batch_size=options.batch_size,
                                                   collate_fn=collate,
@@ -325,9 +327,8 @@ def _final_metrics(loss: float, eval_loss: float | None, rates: list[float]) -> 
 def _train_mode(forward: Any, base: _Base) -> None:
     """Train mode for dropout in LoRA/LLM; the frozen vision tower stays in eval mode."""
     forward.train()
-    tower = getattr(getattr(base.model, "model", None), "vision_tower", None)
-    if tower is not None:
-        tower.eval()
+    if base.architecture.vision_tower is not None:
+        base.model.get_submodule(base.architecture.vision_tower).eval()
 
 
 def _batches(accelerator: Any, loader: Any, sampler: EpochSampler, skip: int, per_epoch: int) -> Iterator[Any]:
@@ -381,7 +382,8 @@ class _OutputWriter:
             model = self.accelerator.unwrap_model(forward).model
             if self.options.stage == "lora":
                 model.save_pretrained(str(directory))
-            shapes = manifest.save_projector(model, directory) if self.trains_projector else None
+            shapes = (manifest.save_projector(model, self.base.architecture.projector, directory)
+                      if self.trains_projector else None)
             record = {**self.static(), "steps": step, "metrics": metrics,
                       "created": datetime.now(UTC).isoformat(timespec="seconds")}
             if shapes is not None:
@@ -398,9 +400,10 @@ class _OutputWriter:
         if self._static is None:
             base, options = self.base, self.options
             vision = getattr(base.config, "vision_config", None)
-            projector = manifest.find_projector(base.model)
+            projector = base.architecture.projector
             self._static = {
                 "format": manifest.MANIFEST_FORMAT, "kind": options.stage, "base_model": base.name,
+                "family": base.architecture.family,
                 "base_model_path": options.model, "base_fingerprint": model_loading.base_fingerprint(base.config),
                 "base_config_sha256": manifest.config_hash(base.config),
                 "base_weights_sha256": manifest.weights_hash(Path(base.source)), "quant": options.quant,
@@ -408,7 +411,7 @@ class _OutputWriter:
                                  ("model_type", "hidden_size", "num_hidden_layers", "image_size", "patch_size")}
                 if vision is not None else None,
                 "image_size": _input_size(base.processor) or getattr(vision, "image_size", None),
-                "projector": {"module": projector[0], "in_adapter": options.stage == "lora"}
+                "projector": {"module": projector, "in_adapter": options.stage == "lora"}
                 if projector is not None and self.trains_projector else None,
                 "chat_template_sha256": manifest.template_hash(base.tokenizer, base.processor),
                 "dataset": self._dataset, "training": options.settings(),

@@ -72,9 +72,11 @@ def _parse_number(name: str, value: str, kind: type) -> Any:
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """What to load: ``model`` is an HF dir, hub id or ``.gguf`` file; None is the embedded default."""
+    """What to load: ``model`` is an HF dir, hub id or ``.gguf`` file; None is the embedded default, which
+    the front end resolves to its directory (and ``name``, the name shown for it) before loading."""
 
     model: str | None = None
+    name: str | None = None
     quant: str = "auto"
     adapters: tuple[str, ...] = ()
     device: str = "auto"

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from assistant.config import GenerationOptions
 from assistant.errors import BadAdapter, ContextTooLong, ImagesNotSupported
-from assistant.messages import ImageAttachment, Message, Role
+from assistant.messages import BASE_MODEL, ImageAttachment, Message, Role
 from assistant.store import ConversationRecord, Store
 
 
@@ -194,13 +194,15 @@ class DialogueManager:
         self._store.update_conversation(conversation_id, system_prompt=text or None)
 
     def set_adapter(self, conversation_id: int, adapter: str | None) -> None:
+        """Use ``adapter`` in this conversation: a loaded adapter's name, ``BASE_MODEL`` for none, or None for
+        the backend's active adapter."""
         if adapter is not None:
             self._check_adapter(adapter)
         self._store.update_conversation(conversation_id, adapter=adapter)
 
     def _check_adapter(self, adapter: str) -> None:
         names = self.backend.adapter_names()
-        if adapter not in names:
+        if adapter not in names and adapter != BASE_MODEL:
             known = ", ".join(names) if names else "none loaded (start with --adapter PATH)"
             raise BadAdapter(f"unknown adapter {adapter!r}; loaded: {known}")
 

@@ -6,8 +6,12 @@ the next token. One lock per device: a single GPU runs one generation at a time.
 
 Work is reused across turns: the KV cache of each finished generation is kept
 (bounded LRU) and the next prompt that shares its token prefix prefills only the
-new tokens; for LLaVA-style models, projected image features are cached per
-image and spliced into the input embeddings, so the vision tower runs once per image.
+new tokens (where the architecture contract says this reproduces a cold run); where
+image features can be spliced into the input embeddings, they are cached per image,
+so the vision tower runs once per image.
+
+Adapters: a conversation names one, or ``BASE_MODEL`` for none; a conversation that
+names nothing gets the loaded model's active adapter (the last one given at start).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from assistant.caches import ImageFeatureCache, PrefixKVCache
 from assistant.config import GenerationOptions
 from assistant.errors import BadAdapter
-from assistant.messages import ImageAttachment, Message
+from assistant.messages import BASE_MODEL, ImageAttachment, Message
 from assistant.model import LoadedModel
 from assistant.prompt import PromptRenderer
 
@@ -69,8 +73,20 @@ class LocalBackend:
         model = self.loaded.model
         return {"model": self.loaded.name, "device": self.loaded.device, "quantization": self.loaded.quant,
                 "context_length": self.context_length, "accepts_images": self.accepts_images,
-                "adapters": self.adapter_names(), "parameters": sum(p.numel() for p in model.parameters()),
+                "adapters": self.adapter_names(), "active_adapter": self.loaded.active_adapter or BASE_MODEL,
+                **self.loaded.architecture.describe(),
+                "parameters": sum(p.numel() for p in model.parameters()),
                 "memory_bytes": int(model.get_memory_footprint())}
+
+    def resolve_adapter(self, adapter: str | None) -> str | None:
+        """The loaded adapter to run (None: the base model) for a conversation's choice."""
+        if adapter is None:
+            return self.loaded.active_adapter
+        if adapter == BASE_MODEL:
+            return None
+        if adapter not in self.loaded.adapters:
+            raise BadAdapter(f"unknown adapter {adapter!r}")
+        return adapter
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions,
                adapter: str | None = None) -> Iterator[str]:
@@ -78,8 +94,7 @@ class LocalBackend:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        if adapter is not None and adapter not in self.loaded.adapters:
-            raise BadAdapter(f"unknown adapter {adapter!r}")
+        adapter = self.resolve_adapter(adapter)
         stop = threading.Event()
 
         class _StopWhenAsked(StoppingCriteria):
@@ -137,38 +152,35 @@ class LocalBackend:
 
         The key is the token ids with each image's placeholder tokens replaced by a value
         derived from that image's hash: the same text with another picture must not match.
-        Text-only prompts and LLaVA-style prompts (image features spliced into the embeddings
-        here) are position-for-position reusable; other vision families get the processor's
-        own inputs and a cold prefill.
+        Text-only prompts and prompts whose image features are spliced into the embeddings here
+        are position-for-position reusable where the contract says so; other prompts get the
+        processor's own inputs and a cold prefill.
         """
         import torch
 
+        architecture = self.loaded.architecture
         encoded = self.renderer.encode(messages)
         device = self.loaded.model.device
         inputs = {key: value.to(device) for key, value in encoded.items()}
         token_ids = inputs["input_ids"][0].tolist()
+        if not architecture.prefix_reuse:
+            return inputs, None
         images = [image for message in messages for image in message.images]
         if not images:
             return inputs, tuple(token_ids)
-        if not self._splices_image_features(encoded):
+        if not (architecture.splices_features and set(encoded) <= {"input_ids", "attention_mask", "pixel_values"}):
             return inputs, None
         input_ids = inputs["input_ids"]
         embeddings = self.loaded.model.get_input_embeddings()(input_ids)
         per_image = [self.image_features(image, adapter) for image in images]
         features = torch.cat(per_image).to(embeddings.dtype)
-        mask = (input_ids == self.loaded.model.config.image_token_id).unsqueeze(-1)
+        image_token = architecture.image_token_id
+        mask = (input_ids == image_token).unsqueeze(-1)
         inputs = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"],
                   "inputs_embeds": embeddings.masked_scatter(mask, features)}
         image_values = iter([-1 - int(image.sha256[:15], 16) for image, f in zip(images, per_image, strict=True)
                              for _ in range(f.shape[0])])
-        image_token = self.loaded.model.config.image_token_id
         return inputs, tuple(next(image_values) if token == image_token else token for token in token_ids)
-
-    def _splices_image_features(self, encoded: dict[str, Any]) -> bool:
-        config = self.loaded.model.config
-        return (hasattr(self.loaded.model, "get_image_features") and hasattr(config, "image_token_id")
-                and set(encoded) <= {"input_ids", "attention_mask", "pixel_values"}
-                and config.model_type == "llava")
 
     def image_features(self, image: ImageAttachment, adapter: str | None) -> Any:
         """Vision tower + projector output for one image, computed once while it stays cached."""
@@ -189,7 +201,7 @@ class LocalBackend:
         return features
 
     def _adapter_scope(self, adapter: str | None) -> Any:
-        """Activate ``adapter`` for one generation; with none, the base model runs with adapters off."""
+        """Activate the resolved ``adapter`` for one generation; None runs the base model with adapters off."""
         from contextlib import nullcontext
 
         model = self.loaded.model

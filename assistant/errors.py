@@ -51,3 +51,8 @@ class BadDataset(IrisError):
 
 class BackendError(IrisError):
     """A model server that cannot be reached or answers with an error."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's whole message on one line: library errors can span screens, and none is cut short."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -6,6 +6,10 @@ import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+# The adapter name that runs the base model with every adapter off; a conversation with no adapter of its own
+# uses the backend's active adapter (the last one given at start).
+BASE_MODEL = "none"
+
 
 class Role(StrEnum):
     SYSTEM = "system"

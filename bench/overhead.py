@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from assistant.builders.default_model import with_default_model  # noqa: E402
 from assistant.config import GenerationOptions, ModelOptions, Paths  # noqa: E402
 from assistant.dialogue import DialogueManager  # noqa: E402
 from assistant.engine import LocalBackend  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quant", default="none")
     args = parser.parse_args()
-    loaded = load(ModelOptions(quant=args.quant), Paths.default())
+    loaded = load(with_default_model(ModelOptions(quant=args.quant), Paths.default()), Paths.default())
     backend = LocalBackend(loaded, kv_cache_bytes=0)  # a cold prompt each round, like the bare loop
     prompt_ids = backend.renderer.encode([Message(Role.USER, QUESTION)])["input_ids"]
     bare_rates, iris_rates = [], []

@@ -39,17 +39,18 @@ def trainer_rate(work: Path, model_dir: Path, data: Path, run: int) -> float:
 
     from adapters.collate import Collator, EncodedDataset
     from adapters.dataset import read_dataset
-    from adapters.train import DEFAULT_TARGETS
+    from assistant.architecture import describe_model
     from assistant.prompt import PromptRenderer
 
     torch.manual_seed(0)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    architecture = describe_model(model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                             target_modules=rf".*language_model.*\.({'|'.join(DEFAULT_TARGETS)})",
-                                             modules_to_save=["multi_modal_projector"]))
+                                             target_modules=architecture.lora_targets(),
+                                             modules_to_save=[architecture.projector]))
     dataset = EncodedDataset(read_dataset(data), PromptRenderer(processor.tokenizer, processor))
-    collate = Collator(processor.tokenizer.pad_token_id)
+    collate = Collator(processor.tokenizer.pad_token_id, architecture)
 
     def collate_for_trainer(examples: list[dict]) -> dict:
         batch = collate(examples)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from assistant.builders.default_model import with_default_model  # noqa: E402
 from assistant.config import GenerationOptions, ModelOptions, Paths  # noqa: E402
 from assistant.dialogue import DialogueManager  # noqa: E402
 from assistant.engine import LocalBackend  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)
         images = sample_images()
-        loaded = load(ModelOptions(quant="none"), Paths.default())
+        loaded = load(with_default_model(ModelOptions(quant="none"), Paths.default()), Paths.default())
         cached = LocalBackend(loaded)
         uncached = LocalBackend(loaded, kv_cache_bytes=0, feature_cache_bytes=0)
         run(uncached, Store(work / "warmup.db"), images)  # warm up kernels and allocators once

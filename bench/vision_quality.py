@@ -57,10 +57,9 @@ def score(backend: LocalBackend, dataset: Path) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    from assistant.compose import compose_llava
-    from assistant.default_model import DEFAULT_IMAGE_SIZE, default_model_path
-    from assistant.model import default_llm_path
-    from assistant.vision_tower import default_vision_tower_dir
+    from assistant.builders.compose import compose_llava
+    from assistant.builders.default_model import DEFAULT_IMAGE_SIZE, default_llm_path, default_model_path
+    from assistant.builders.vision_tower import default_vision_tower_dir
 
     paths = Paths.default()
     trained_dir = default_model_path(paths)

@@ -39,15 +39,10 @@ def resolve_adapter(name: str) -> Path:
     raise BadAdapter(f"{name}: no such adapter (not a directory, nor in {adapters_dir()}); see `iris adapters list`")
 
 
-def _fail(error: IrisError) -> typer.Exit:
-    typer.echo(f"error: {error}", err=True)
-    return typer.Exit(1)
-
-
 @adapters_app.command("list")
 def list_adapters() -> None:
     """Adapters in the user adapter dir, with what their manifests say."""
-    from adapters.manifest import read_manifest
+    from assistant.adapter_files import read_manifest
 
     root = adapters_dir()
     found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -71,15 +66,12 @@ def list_adapters() -> None:
 @adapters_app.command()
 def info(name: Annotated[str, typer.Argument(help="Adapter name or directory.")]) -> None:
     """Print an adapter's manifest (base identity, hashes, training settings, metrics) as JSON."""
-    from adapters.manifest import read_manifest
+    from assistant.adapter_files import read_manifest
 
-    try:
-        path = resolve_adapter(name)
-        manifest = read_manifest(path)
-    except IrisError as error:
-        raise _fail(error) from None
+    path = resolve_adapter(name)
+    manifest = read_manifest(path)
     if manifest is None:
-        raise _fail(BadAdapter(f"{path}: no iris_manifest.json (not trained by Iris)"))
+        raise BadAdapter(f"{path}: no iris_manifest.json (not trained by Iris)")
     typer.echo(json.dumps({"path": str(path), **manifest}, indent=2, sort_keys=True))
 
 
@@ -92,12 +84,9 @@ def merge(name: Annotated[str, typer.Argument(help="Adapter name or directory.")
     """Merge an adapter into its base, for `iris chat --model OUT`."""
     from adapters.merge import merge_adapter
 
-    try:
-        path = resolve_adapter(name)
-        target = out or Paths.default().data / "models" / f"{path.name}-merged"
-        merge_adapter(path, target, model=model, quant=quant, dequantize=dequantize, trust_pickle=trust_pickle)
-    except IrisError as error:
-        raise _fail(error) from None
+    path = resolve_adapter(name)
+    target = out or Paths.default().data / "models" / f"{path.name}-merged"
+    merge_adapter(path, target, model=model, quant=quant, dequantize=dequantize, trust_pickle=trust_pickle)
     typer.echo(f"wrote {target} (use it with: iris chat --model {target})")
 
 
@@ -109,13 +98,10 @@ def export(name: Annotated[str, typer.Argument(help="Adapter name or directory."
     """Write a standalone merged HF model (with processor/tokenizer), checked by reloading it."""
     from adapters.merge import export_adapter
 
-    try:
-        check = export_adapter(resolve_adapter(name), out, model=model, quant=quant, dequantize=dequantize,
-                               trust_pickle=trust_pickle)
-        if not check.same_greedy_tokens:
-            raise IrisError(f"{out}: the reloaded export predicts other tokens than base + adapter "
-                            f"(max logit difference {check.max_logit_difference:.3g})")
-    except IrisError as error:
-        raise _fail(error) from None
+    check = export_adapter(resolve_adapter(name), out, model=model, quant=quant, dequantize=dequantize,
+                           trust_pickle=trust_pickle)
+    if not check.same_greedy_tokens:
+        raise IrisError(f"{out}: the reloaded export predicts other tokens than base + adapter "
+                        f"(max logit difference {check.max_logit_difference:.3g})")
     typer.echo(f"wrote {out} (plain transformers from_pretrained; reload check: max logit difference "
                f"{check.max_logit_difference:.2e})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from assistant.config import Paths
 from assistant.errors import IrisError
@@ -22,6 +22,7 @@ from cli.adapters_cmd import adapters_app
 from cli.build_cmd import build
 from cli.data_cmd import data_app
 from cli.discord_cmd import discord
+from cli.errors import DEBUG_ENV, IrisGroup
 from cli.options import (
     AdapterOption,
     ApiKeyEnvOption,
@@ -33,16 +34,18 @@ from cli.options import (
 )
 from cli.train_cmd import train
 
-app = typer.Typer(help="Iris: a local multimodal assistant.", no_args_is_help=True,
+app = typer.Typer(cls=IrisGroup, help="Iris: a local multimodal assistant.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 history_app = typer.Typer(help="List, show, export and delete stored conversations.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
 
 
-def fail(error: IrisError) -> typer.Exit:
-    """Print a user error as one line on stderr; the caller raises the returned exit (status 1)."""
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
+@app.callback()
+def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors "
+                                             f"(also {DEBUG_ENV}=1).")] = False) -> None:
+    """Iris: a local multimodal assistant."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # read by the error boundary, also in child processes
 
 
 @app.command()
@@ -60,18 +63,15 @@ def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
 
     paths = Paths.default()
     console = Console()
-    try:
-        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
-                                            trust_pickle=trust_pickle, system=system, backend=backend,
-                                            base_url=base_url, api_key_env=api_key_env)
-        manager, store = runtime.open_manager(settings, paths)
-    except IrisError as error:
-        raise fail(error) from None
+    settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
+                                        trust_pickle=trust_pickle, system=system, backend=backend,
+                                        base_url=base_url, api_key_env=api_key_env)
+    manager, store = runtime.open_manager(settings, paths)
     try:
         if resume is not None:
             conversation_id = store.latest_conversation_id() if resume == "last" else _parse_id(resume)
             if conversation_id is None:
-                raise fail(IrisError("no stored conversation to resume"))
+                raise IrisError("no stored conversation to resume")
             manager.conversation(conversation_id)
             print_transcript(console, manager.history(conversation_id))
         else:
@@ -83,15 +83,13 @@ def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
                               max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
                               markdown=not plain and console.is_terminal)
         session.run()
-    except IrisError as error:
-        raise fail(error) from None
     finally:
         store.close()
 
 
 def _parse_id(text: str) -> int:
     if not text.isdigit():
-        raise fail(IrisError(f"conversation id must be a number or 'last', got {text!r}"))
+        raise IrisError(f"conversation id must be a number or 'last', got {text!r}")
     return int(text)
 
 
@@ -107,15 +105,12 @@ def ask(question: Annotated[str, typer.Argument(help="The question.")],
         system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None) -> None:
     """Answer one question (with optional images) and print only the answer."""
     paths = Paths.default()
-    try:
-        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
-                                            trust_pickle=trust_pickle, system=system, backend=backend,
-                                            base_url=base_url, api_key_env=api_key_env)
-        images = [load_image_path(p, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-                  for p in image or []]
-        manager, store = runtime.open_manager(settings, paths)
-    except IrisError as error:
-        raise fail(error) from None
+    settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
+                                        trust_pickle=trust_pickle, system=system, backend=backend,
+                                        base_url=base_url, api_key_env=api_key_env)
+    images = [load_image_path(p, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+              for p in image or []]
+    manager, store = runtime.open_manager(settings, paths)
     try:
         options = settings.generation
         for name, value in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
@@ -137,8 +132,6 @@ def ask(question: Annotated[str, typer.Argument(help="The question.")],
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
             sys.stdout.write("\n")
-    except IrisError as error:
-        raise fail(error) from None
     finally:
         store.close()
 
@@ -149,20 +142,17 @@ def info(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
          api_key_env: ApiKeyEnvOption = None) -> None:
     """Show the model, device, quantization, memory and context length."""
     paths = Paths.default()
-    try:
-        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
-                                            trust_pickle=trust_pickle, backend=backend, base_url=base_url,
-                                            api_key_env=api_key_env)
-        details = runtime.open_backend(settings, paths).describe()
-    except IrisError as error:
-        raise fail(error) from None
+    settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
+                                        trust_pickle=trust_pickle, backend=backend, base_url=base_url,
+                                        api_key_env=api_key_env)
+    details = runtime.open_backend(settings, paths).describe()
     console = Console()
     for key, value in details.items():
         if key == "memory_bytes":
             value = f"{value / 2**20:.1f} MiB"
         elif isinstance(value, list):
             value = ", ".join(value) or "none"
-        console.print(f"{key.replace('_', ' ')}: {value}", highlight=False)
+        console.print(f"{key.replace('_', ' ')}: {value}", highlight=False, markup=False)
     console.print(f"data: {paths.database}", highlight=False)
 
 
@@ -172,8 +162,6 @@ def _with_store(action):  # type: ignore[no-untyped-def]
     store = Store(Paths.default().database)
     try:
         return action(store)
-    except IrisError as error:
-        raise fail(error) from None
     finally:
         store.close()
 

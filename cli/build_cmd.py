@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from assistant.config import Paths
-from assistant.errors import IrisError
 
 
 def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) directory for the composed model.")],
@@ -22,25 +21,21 @@ def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) direct
                                                   "112 → 64, 224 → 256.")] = 112,
           seed: Annotated[int, typer.Option("--seed", help="Seed of the fresh projector.")] = 0) -> None:
     """Compose a LLaVA model from an LLM and a vision tower; its projector is untrained until `iris train`."""
-    from assistant.compose import BUILD_FILE, check_image_size, check_out_dir, compose_llava
-    from assistant.model import default_llm_path
-    from assistant.vision_tower import default_vision_tower_dir
+    from assistant.builders.compose import BUILD_FILE, check_image_size, check_out_dir, compose_llava
+    from assistant.builders.default_model import default_llm_path
+    from assistant.builders.vision_tower import default_vision_tower_dir
 
     paths = Paths.default()
 
     def progress(message: str) -> None:
         typer.echo(message, err=True)
 
-    try:
-        check_out_dir(out)  # the cheap checks come before any slow default conversion
-        vision_dir = vision or default_vision_tower_dir(paths)
-        check_image_size(vision_dir, image_size)
-        llm_dir = llm or default_llm_path(paths, progress)
-        progress(f"composing {llm_dir.name} + {vision_dir.name} at {image_size} px")
-        result = compose_llava(llm_dir, vision_dir, out, image_size=image_size, seed=seed)
-    except IrisError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    check_out_dir(out)  # the cheap checks come before any slow default conversion
+    vision_dir = vision or default_vision_tower_dir(paths)
+    check_image_size(vision_dir, image_size)
+    llm_dir = llm or default_llm_path(paths, progress)
+    progress(f"composing {llm_dir.name} + {vision_dir.name} at {image_size} px")
+    result = compose_llava(llm_dir, vision_dir, out, image_size=image_size, seed=seed)
     record = json.loads((result / BUILD_FILE).read_text(encoding="utf-8"))
     typer.echo(f"wrote {result}: {record['tokens_per_image']} tokens per image ({image_size} px); "
                "the projector is untrained")

@@ -188,10 +188,11 @@ class ChatSession:
         if not argument:
             current = self.manager.conversation(self.conversation_id).adapter
             loaded = self.manager.backend.adapter_names()
-            self.console.print(f"active: {current or 'none'}; loaded: {', '.join(loaded) or 'none'}")
+            self.console.print(f"active: {current or 'default (the last --adapter)'}; "
+                               f"loaded: {', '.join(loaded) or 'none'}", markup=False, highlight=False)
             return True
-        self.manager.set_adapter(self.conversation_id, None if argument == "none" else argument)
-        self.console.print(f"adapter: {argument}")
+        self.manager.set_adapter(self.conversation_id, argument)
+        self.console.print(f"adapter: {argument}", markup=False, highlight=False)
         return True
 
     def _save(self, argument: str) -> bool:

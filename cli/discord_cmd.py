@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import typer
-from rich.console import Console
-
 from assistant.config import Paths
-from assistant.errors import IrisError
+from assistant.errors import BackendError, one_line
 from cli import runtime
 from cli.options import AdapterOption, ApiKeyEnvOption, BackendOption, BaseUrlOption, ModelOption, QuantOption
 
@@ -30,17 +27,12 @@ def discord(model: ModelOption = None, quant: QuantOption = None, adapter: Adapt
     from integrations.discord_bot.bot import IrisBot, run_bot
     from integrations.discord_bot.settings import load_discord_settings, read_token
 
-    errors = Console(stderr=True)
     paths = Paths.default()
-    try:
-        discord_settings = load_discord_settings(paths)
-        token = read_token(discord_settings, paths)  # before loading the model: fail fast
-        settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
-                                            backend=backend, base_url=base_url, api_key_env=api_key_env)
-        manager, store = runtime.open_manager(settings, paths)
-    except IrisError as error:
-        errors.print(f"[bold red]error:[/bold red] {error}", highlight=False)
-        raise typer.Exit(1) from None
+    discord_settings = load_discord_settings(paths)
+    token = read_token(discord_settings, paths)  # before loading the model: fail fast
+    settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
+                                        backend=backend, base_url=base_url, api_key_env=api_key_env)
+    manager, store = runtime.open_manager(settings, paths)
     _log_to_stderr()
     bot = IrisBot(manager, discord_settings, max_image_bytes=settings.max_image_bytes,
                   max_image_pixels=settings.max_image_pixels)
@@ -49,10 +41,9 @@ def discord(model: ModelOption = None, quant: QuantOption = None, adapter: Adapt
     except Exception as error:  # LoginFailure, gateway errors: one line, never the token
         import discord as discord_lib
 
-        message = ("Discord rejected the token (check DISCORD_TOKEN / token_file)"
-                   if isinstance(error, discord_lib.LoginFailure) else f"{type(error).__name__}: {error}")
-        errors.print(f"[bold red]error:[/bold red] {message}", highlight=False)
-        raise typer.Exit(1) from None
+        if isinstance(error, discord_lib.LoginFailure):
+            raise BackendError("Discord rejected the token (check DISCORD_TOKEN / token_file)") from None
+        raise BackendError(f"Discord: {type(error).__name__}: {one_line(error)}") from None
     finally:
         store.close()
 

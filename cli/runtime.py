@@ -53,6 +53,7 @@ def open_backend(settings: Settings, paths: Paths) -> ChatBackend:
     from transformers.utils import logging as hf_logging
 
     from assistant import model as model_loading
+    from assistant.builders.default_model import with_default_model
     from assistant.engine import LocalBackend
 
     # One status line with the current stage instead of transformers' tqdm bars and notices.
@@ -60,7 +61,10 @@ def open_backend(settings: Settings, paths: Paths) -> ChatBackend:
     hf_logging.disable_progress_bar()
     status_console = Console(stderr=True)
     with status_console.status("loading model…") as status:
-        loaded = model_loading.load(settings.model, paths, progress=lambda text: status.update(text))
+        def progress(text: str) -> None:
+            status.update(text)
+
+        loaded = model_loading.load(with_default_model(settings.model, paths, progress), paths, progress)
     return LocalBackend(loaded, kv_cache_bytes=settings.kv_cache_mb << 20,
                         feature_cache_bytes=settings.feature_cache_mb << 20)
 

@@ -11,9 +11,10 @@ from typing import Annotated
 import typer
 
 from adapters.dataset import DATA_FILE_NAMES
-from adapters.train import DEFAULT_TARGETS, TrainOptions
+from adapters.train import TrainOptions
+from assistant.architecture import DEFAULT_LORA_MODULES
 from assistant.config import Paths
-from assistant.errors import BadSetting, IrisError
+from assistant.errors import BadSetting
 
 
 def default_out(data: Path, stage: str, name: str | None, paths: Paths) -> Path:
@@ -47,7 +48,7 @@ def train(data: Annotated[Path, typer.Argument(help="Dataset: directory, LLaVA .
           lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
           lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
           target_modules: Annotated[str, typer.Option(help="Comma-separated LLM linear layer names.")]
-          = ",".join(DEFAULT_TARGETS),
+          = ",".join(DEFAULT_LORA_MODULES),
           eval_split: Annotated[float, typer.Option(help="Fraction of samples held out for eval loss.")] = 0.0,
           seed: Annotated[int, typer.Option(help="Seed for init, shuffling and the eval split.")] = 0,
           save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only the final "
@@ -64,19 +65,15 @@ def train(data: Annotated[Path, typer.Argument(help="Dataset: directory, LLaVA .
 
     from adapters.train import train as run_training
 
-    try:
-        target = out or default_out(data, stage, name, Paths.default())
-        options = TrainOptions(data=data, out=target, model=model, stage=stage, quant=quant, steps=steps,
-                               epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-                               lr_projector=lr_projector, lr_lora=lr_lora, lora_r=lora_r, lora_alpha=lora_alpha,
-                               lora_dropout=lora_dropout, eval_split=eval_split, seed=seed, save_every=save_every,
-                               resume=resume, cache_features=cache_features,
-                               gradient_checkpointing=gradient_checkpointing,
-                               target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
-        result = run_training(options)
-    except IrisError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    target = out or default_out(data, stage, name, Paths.default())
+    options = TrainOptions(data=data, out=target, model=model, stage=stage, quant=quant, steps=steps,
+                           epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                           lr_projector=lr_projector, lr_lora=lr_lora, lora_r=lora_r, lora_alpha=lora_alpha,
+                           lora_dropout=lora_dropout, eval_split=eval_split, seed=seed, save_every=save_every,
+                           resume=resume, cache_features=cache_features,
+                           gradient_checkpointing=gradient_checkpointing,
+                           target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
+    result = run_training(options)
     if PartialState().is_main_process:
         evaluated = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
         typer.echo(f"wrote {result.out} ({result.steps} steps, loss {result.loss:.4f}{evaluated}, "

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from tiny_models import save_tiny_llava
 from typer.testing import CliRunner
 
@@ -19,12 +18,7 @@ from assistant.messages import Message, Role
 from assistant.model import load
 from assistant.prompt import PromptRenderer
 from assistant.vision import load_image_path
-from cli.adapters_cmd import adapters_app
-from cli.train_cmd import train as train_command
-
-app = typer.Typer()
-app.command("train")(train_command)
-app.add_typer(adapters_app, name="adapters")
+from cli.app import app
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-import typer
 from PIL import Image
 from skimage import data
 from tiny_models import save_tiny_llama
@@ -26,12 +25,12 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
-from assistant.compose import BUILD_FILE, BuildError, compose_llava
+from assistant.builders.compose import BUILD_FILE, BuildError, compose_llava
 from assistant.config import GenerationOptions, ModelOptions, Paths
 from assistant.engine import LocalBackend
 from assistant.messages import ImageAttachment, Message, Role
 from assistant.model import LoadedModel, load
-from cli.build_cmd import build
+from cli.app import app
 
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                "patch_size": 14, "image_size": 28}
@@ -192,17 +191,9 @@ def test_refuses_bad_parts_and_busy_output(parts: dict[str, Path], tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no half-written output or staging dir
 
 
-def cli() -> typer.Typer:
-    """``build`` registered the way cli/app.py does it; the callback keeps ``build`` a subcommand."""
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    app.command("build")(build)
-    return app
-
-
 def test_cli_builds_into_an_empty_dir(parts: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
-    result = CliRunner().invoke(cli(), ["build", "--llm", str(parts["llm"]), "--vision", str(parts["siglip"]),
+    result = CliRunner().invoke(app, ["build", "--llm", str(parts["llm"]), "--vision", str(parts["siglip"]),
                                         "--image-size", "42", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "9 tokens per image" in result.stdout
@@ -219,7 +210,7 @@ def test_cli_errors_are_one_line(parts: dict[str, Path], tmp_path: Path, size: s
     if make_busy:
         out.mkdir()
         (out / "x").write_text("x")
-    result = CliRunner().invoke(cli(), ["build", "--llm", str(parts["llm"]), "--vision", str(parts["dinov2"]),
+    result = CliRunner().invoke(app, ["build", "--llm", str(parts["llm"]), "--vision", str(parts["dinov2"]),
                                         "--image-size", size, "--out", str(out)])
     assert result.exit_code == 1
     assert message in result.stderr
@@ -230,8 +221,8 @@ def test_cli_errors_are_one_line(parts: dict[str, Path], tmp_path: Path, size: s
 @pytest.mark.slow
 def test_real_smollm2_with_dinov2(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The embedded SmolLM2 + the converted DINOv2 ViT-S/14: 112 px costs 64 tokens, the LM is unchanged."""
-    from assistant.model import default_llm_path
-    from assistant.vision_tower import default_vision_tower_dir
+    from assistant.builders.default_model import default_llm_path
+    from assistant.builders.vision_tower import default_vision_tower_dir
 
     root = tmp_path_factory.mktemp("real_build")
     paths = Paths(data=root / "data", cache=root / "cache", config=root / "config")

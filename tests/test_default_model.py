@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from assistant.builders.default_model import (
+    default_model_path,
+    embedded_gguf_path,
+    with_default_model,  # noqa: E402
+)
 from assistant.config import GenerationOptions, ModelOptions, Paths
-from assistant.default_model import default_model_path
 from assistant.engine import LocalBackend
 from assistant.messages import Message, Role
-from assistant.model import embedded_gguf_path, load
+from assistant.model import load
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +56,7 @@ def test_the_default_model_sees(real_paths: Paths, tmp_path: Path) -> None:
     from assistant.vision import load_image_path
 
     dataset = synthesize(tmp_path / "held-out", 8, seed=777).parent
-    backend = LocalBackend(load(ModelOptions(quant="none"), real_paths))
+    backend = LocalBackend(load(with_default_model(ModelOptions(quant="none"), real_paths), real_paths))
     right = {"shape": 0, "side": 0}
     for record in json.loads((dataset / "dataset.json").read_text()):
         image = load_image_path(dataset / record["image"])
@@ -66,7 +70,7 @@ def test_the_default_model_sees(real_paths: Paths, tmp_path: Path) -> None:
 
 
 def test_real_model_streams_word_by_word(real_paths: Paths) -> None:
-    backend = LocalBackend(load(ModelOptions(quant="none"), real_paths))
+    backend = LocalBackend(load(with_default_model(ModelOptions(quant="none"), real_paths), real_paths))
     messages = [Message(Role.USER, "Name three colours.")]
     chunks = list(backend.stream(messages, GenerationOptions(temperature=0, max_new_tokens=20)))
     assert len(chunks) >= 5
@@ -79,7 +83,7 @@ def test_default_model_in_4bit_with_a_lora_adapter(real_paths: Paths, tmp_path: 
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
-    loaded = load(ModelOptions(quant="4bit"), real_paths)
+    loaded = load(with_default_model(ModelOptions(quant="4bit"), real_paths), real_paths)
     quantized = [name for name, m in loaded.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 30 * 7 and all("language_model" in name for name in quantized)  # 7 per layer
     torch.manual_seed(0)

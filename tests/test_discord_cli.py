@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 from fakes import FakeBackend
 from typer.testing import CliRunner
 
@@ -18,20 +17,14 @@ import cli.discord_cmd as discord_cmd
 from assistant.config import Paths
 from assistant.dialogue import DialogueManager
 from assistant.store import Store
+from cli.app import app
 from integrations.discord_bot import bot as bot_module
 
 SECRET = "MTIz.secret-token-value.xyz"
 
 
-def app() -> typer.Typer:
-    application = typer.Typer()
-    application.command("discord")(discord_cmd.discord)
-    application.command("other")(lambda: None)
-    return application
-
-
 def test_help_documents_set_up() -> None:
-    result = CliRunner().invoke(app(), ["discord", "--help"])
+    result = CliRunner().invoke(app, ["discord", "--help"])
     assert result.exit_code == 0
     for needle in ("DISCORD_TOKEN", "token_file", "MESSAGE CONTENT", "--model", "--quant", "--adapter"):
         assert needle in result.output
@@ -40,7 +33,7 @@ def test_help_documents_set_up() -> None:
 def test_missing_token_fails_before_loading_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DISCORD_TOKEN", raising=False)
     monkeypatch.setattr(discord_cmd.runtime, "open_manager", lambda *a: pytest.fail("model loaded"))
-    result = CliRunner().invoke(app(), ["discord"])
+    result = CliRunner().invoke(app, ["discord"])
     assert result.exit_code == 1 and "no Discord bot token" in result.output
 
 
@@ -61,7 +54,7 @@ def test_token_reaches_the_gateway_but_never_the_output(monkeypatch: pytest.Monk
     monkeypatch.setattr(discord_cmd.runtime, "open_manager", fake_open_manager)
     monkeypatch.setattr(bot_module, "run_bot", fake_run_bot)
     caplog.set_level(logging.DEBUG)
-    result = CliRunner().invoke(app(), ["discord", "--model", "some/model", "--quant", "none",
+    result = CliRunner().invoke(app, ["discord", "--model", "some/model", "--quant", "none",
                                         "--adapter", "a1", "--adapter", "a2"])
     assert result.exit_code == 0, result.output
     assert opened["token"] == SECRET
@@ -84,7 +77,7 @@ def test_rejected_token_is_one_line_without_the_token(monkeypatch: pytest.Monkey
     monkeypatch.setattr(discord_cmd.runtime, "open_manager",
                         lambda *a: (DialogueManager(FakeBackend(), store), store))
     monkeypatch.setattr(bot_module, "run_bot", refused)
-    result = CliRunner().invoke(app(), ["discord"])
+    result = CliRunner().invoke(app, ["discord"])
     assert result.exit_code == 1 and "Discord rejected the token" in result.output
     assert SECRET not in result.output
 

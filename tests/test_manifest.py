@@ -10,18 +10,11 @@ import torch
 from tiny_models import save_tiny_llama, save_tiny_llava
 
 from adapters.dataset import read_dataset
-from adapters.manifest import (
-    check_manifest,
-    config_hash,
-    dataset_hash,
-    load_projector,
-    read_manifest,
-    save_projector,
-    template_hash,
-    write_manifest,
-)
+from adapters.manifest import config_hash, dataset_hash, save_projector, template_hash, write_manifest
 from adapters.synth import synthesize
 from adapters.train import TrainOptions, train
+from assistant.adapter_files import check_manifest, load_projector, read_manifest
+from assistant.architecture import describe_model
 from assistant.config import ModelOptions, Paths
 from assistant.errors import AdapterMismatch, BadAdapter
 from assistant.model import attach_adapter, load
@@ -95,18 +88,20 @@ def test_projector_file_round_trip_and_shape_check(trained: dict[str, Path], tmp
     model = AutoModelForImageTextToText.from_pretrained(trained["llava"])
     with torch.no_grad():
         model.model.multi_modal_projector.linear_2.bias.fill_(0.5)
-    assert save_projector(model, tmp_path) == {"linear_1.bias": [64], "linear_1.weight": [64, 32],
+    projector = describe_model(model).projector
+    assert save_projector(model, projector, tmp_path) == {"linear_1.bias": [64], "linear_1.weight": [64, 32],
                                               "linear_2.bias": [64], "linear_2.weight": [64, 64]}
     fresh = AutoModelForImageTextToText.from_pretrained(trained["llava"])
-    load_projector(fresh, tmp_path)
+    load_projector(fresh, projector, tmp_path)
     assert bool((fresh.model.multi_modal_projector.linear_2.bias == 0.5).all())
     with pytest.raises(AdapterMismatch, match="no vision projector"):
-        load_projector(AutoModelForCausalLM.from_pretrained(trained["llama"]), tmp_path)
+        text_model = AutoModelForCausalLM.from_pretrained(trained["llama"])
+        load_projector(text_model, describe_model(text_model).projector, tmp_path)
     from safetensors.torch import save_file
 
     save_file({"linear_1.weight": torch.zeros(8, 8)}, str(tmp_path / "projector.safetensors"))
     with pytest.raises(AdapterMismatch, match="projector does not fit"):
-        load_projector(fresh, tmp_path)
+        load_projector(fresh, projector, tmp_path)
 
 
 def test_adapters_for_another_base_are_refused(trained: dict[str, Path]) -> None:

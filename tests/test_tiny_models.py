@@ -13,7 +13,7 @@ from tiny_models import save_tiny_llama, save_tiny_llava, tiny_tokenizer
 from assistant.config import GenerationOptions, ModelOptions, Paths
 from assistant.engine import LocalBackend
 from assistant.errors import AdapterMismatch, BadAdapter, ModelNotFound
-from assistant.messages import Message, Role
+from assistant.messages import BASE_MODEL, Message, Role
 from assistant.model import attach_adapter, load
 from assistant.vision import load_image_path
 
@@ -102,11 +102,12 @@ def test_lora_on_a_4bit_base_attaches_without_merging_and_switches_per_call(
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)  # not merged: LoRA wraps the 4-bit layer
     backend = LocalBackend(loaded)
     messages = _user("hi")
-    plain = "".join(backend.stream(messages, GREEDY))
+    plain = "".join(backend.stream(messages, GREEDY, adapter=BASE_MODEL))
     pirate = "".join(backend.stream(messages, GREEDY, adapter="pirate"))
     poet = "".join(backend.stream(messages, GREEDY, adapter="poet"))
     assert len({plain, pirate, poet}) == 3
-    assert "".join(backend.stream(messages, GREEDY)) == plain  # adapters off again for the base
+    assert "".join(backend.stream(messages, GREEDY)) == poet  # no choice: the last adapter given is active
+    assert "".join(backend.stream(messages, GREEDY, adapter=BASE_MODEL)) == plain  # adapters off again
 
 
 def test_adapter_errors_are_one_line_and_leave_the_model_usable(model_dirs: dict[str, Path],
@@ -195,7 +196,8 @@ def test_int8_cpu_path_keeps_adapters_switchable(model_dirs: dict[str, Path], tm
     assert isinstance(q_proj.base_layer, DynamicInt8Linear) and type(q_proj.lora_A["pirate"]) is torch.nn.Linear
     backend = LocalBackend(loaded)
     messages = _user("hi")
-    assert "".join(backend.stream(messages, GREEDY, adapter="pirate")) != "".join(backend.stream(messages, GREEDY))
+    assert "".join(backend.stream(messages, GREEDY, adapter="pirate")) != "".join(
+        backend.stream(messages, GREEDY, adapter=BASE_MODEL))
     with torch.inference_mode():  # int8 stays close to full precision
         ids = backend.renderer.encode(messages)["input_ids"]
         assert (loaded.model(ids).logits - full.loaded.model(ids).logits).abs().max() < 0.5

