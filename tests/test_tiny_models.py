@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny_llama, save_tiny_llava, tiny_tokenizer
+from tiny_models import save_strong_lora, save_tiny_llama, save_tiny_llava, tiny_tokenizer
 
 from assistant.config import GenerationOptions, ModelOptions, Paths
 from assistant.engine import LocalBackend
@@ -25,24 +25,6 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {"llama": save_tiny_llama(root / "llama"), "llava": save_tiny_llava(root / "llava"),
             "other_llama": save_tiny_llama(root / "other", seed=1)}
-
-
-def _lora(model_dir: Path, out: Path, seed: int, vision: bool = False) -> Path:
-    """Save a LoRA adapter with non-zero weights so it visibly changes the output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    torch.manual_seed(seed)
-    loader = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    base = loader.from_pretrained(model_dir)
-    targets = r".*language_model.*\.(q_proj|v_proj)" if vision else ["q_proj", "v_proj"]
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def _user(text: str, *images: object) -> list[Message]:
@@ -93,8 +75,8 @@ def test_lora_on_a_4bit_base_attaches_without_merging_and_switches_per_call(
     import bitsandbytes as bnb
     from peft import PeftModel
 
-    adapter_a = _lora(model_dirs["llama"], tmp_path / "pirate", seed=1)
-    adapter_b = _lora(model_dirs["llama"], tmp_path / "poet", seed=2)
+    adapter_a = save_strong_lora(model_dirs["llama"], tmp_path / "pirate", seed=1)
+    adapter_b = save_strong_lora(model_dirs["llama"], tmp_path / "poet", seed=2)
     options = ModelOptions(model=str(model_dirs["llama"]), quant="4bit", adapters=(str(adapter_a), str(adapter_b)))
     loaded = load(options, Paths.default())
     assert isinstance(loaded.model, PeftModel) and set(loaded.adapters) == {"pirate", "poet"}
@@ -113,11 +95,11 @@ def test_lora_on_a_4bit_base_attaches_without_merging_and_switches_per_call(
 def test_adapter_errors_are_one_line_and_leave_the_model_usable(model_dirs: dict[str, Path],
                                                                 tmp_path: Path) -> None:
     loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="none"), Paths.default())
-    good = _lora(model_dirs["llama"], tmp_path / "good", seed=3)
+    good = save_strong_lora(model_dirs["llama"], tmp_path / "good", seed=3)
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "adapter_config.json").write_text("{not json")
-    garbage_weights = _lora(model_dirs["llama"], tmp_path / "garbage", seed=4)
+    garbage_weights = save_strong_lora(model_dirs["llama"], tmp_path / "garbage", seed=4)
     (garbage_weights / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -133,11 +115,11 @@ def test_adapter_errors_are_one_line_and_leave_the_model_usable(model_dirs: dict
 
 
 def test_adapter_for_a_different_base_is_refused(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    llava_adapter = _lora(model_dirs["llava"], tmp_path / "for-llava", seed=5, vision=True)
+    llava_adapter = save_strong_lora(model_dirs["llava"], tmp_path / "for-llava", seed=5, vision=True)
     loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="none"), Paths.default())
     with pytest.raises(AdapterMismatch, match="does not fit this base model"):
         attach_adapter(loaded, str(llava_adapter))
-    manifest_adapter = _lora(model_dirs["llama"], tmp_path / "with-manifest", seed=6)
+    manifest_adapter = save_strong_lora(model_dirs["llama"], tmp_path / "with-manifest", seed=6)
     (manifest_adapter / "iris_manifest.json").write_text(json.dumps({"base_fingerprint": "0123456789abcdef",
                                                                      "base_model": "SomeOtherLM"}))
     with pytest.raises(AdapterMismatch, match="trained for base SomeOtherLM"):
@@ -186,7 +168,7 @@ def test_int8_cpu_path_keeps_adapters_switchable(model_dirs: dict[str, Path], tm
                                                  sample_png: Path) -> None:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    adapter = _lora(model_dirs["llama"], tmp_path / "pirate", seed=7)
+    adapter = save_strong_lora(model_dirs["llama"], tmp_path / "pirate", seed=7)
     full = LocalBackend(load(ModelOptions(model=str(model_dirs["llama"]), quant="none", adapters=(str(adapter),)),
                              Paths.default()))
     loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="int8", adapters=(str(adapter),)),

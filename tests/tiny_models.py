@@ -95,3 +95,22 @@ def save_tiny_llava(directory: Path, image_size: int = 28, patch_size: int = 14,
                                num_additional_image_tokens=1)
     processor.save_pretrained(directory)
     return directory
+
+
+def save_strong_lora(model_dir: Path, out: Path, seed: int, vision: bool = False) -> Path:
+    """A LoRA adapter on q/v with large random weights, so it visibly changes a tiny model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    loader = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    base = loader.from_pretrained(model_dir)
+    targets = r".*language_model.*\.(q_proj|v_proj)" if vision else ["q_proj", "v_proj"]
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
