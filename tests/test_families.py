@@ -184,3 +184,42 @@ def test_merge_and_export_reload_with_plain_transformers(family: tuple[str, Path
     assert (merged / "config.json").is_file() and _load(merged).architecture.accepts_images
     check = export_adapter(lora, tmp_path / "export", model=str(model_dir))
     assert check.same_greedy_tokens and check.max_logit_difference < 1e-3
+
+
+def test_a_family_outside_the_contract_chats_and_refuses_training_in_one_line(
+        model_root: Path, dataset: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import assistant.architecture
+
+    model_dir = FAMILY_BUILDERS["gemma3"](model_root / "unlisted-gemma3")
+    monkeypatch.delitem(assistant.architecture.KNOWN_FAMILIES, "gemma3")
+    backend = LocalBackend(_load(model_dir))
+    assert not backend.loaded.architecture.known and backend.describe()["family_supported"] is False
+    assert isinstance("".join(backend.stream([_user("what is this?", images[0])], GREEDY)), str)
+    result = CliRunner().invoke(app, ["train", str(dataset), "--model", str(model_dir), "--steps", "1",
+                                      "--out", str(model_root / "unlisted-out")])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: training is not supported yet for gemma3 models")
+    assert result.output.count("\n") == 1
+
+
+def test_a_missing_processor_dependency_names_the_install_command(
+        model_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import transformers
+
+    model_dir = model_root / "qwen2_vl"
+    if not model_dir.is_dir():
+        FAMILY_BUILDERS["qwen2_vl"](model_dir)
+    find_spec = importlib.util.find_spec
+
+    def without_torchvision(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError("Qwen2VLVideoProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", without_torchvision)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision"
+                        else find_spec(name, *a))
+    result = CliRunner().invoke(app, ["info", "--model", str(model_dir), "--quant", "none"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "qwen2_vl models need torchvision" in result.output
+    assert "pip install 'iris-assistant[vlm]'" in result.output
