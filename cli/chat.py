@@ -19,7 +19,7 @@ from rich.markup import escape
 from assistant.dialogue import DialogueManager
 from assistant.errors import BadCommand, IrisError
 from assistant.export import export_llava
-from assistant.messages import ImageAttachment, Message, Role
+from assistant.messages import BASE_MODEL, ImageAttachment, Message, Role
 from assistant.store import Store
 from assistant.vision import load_image_path
 from cli.inline_paths import extract_images
@@ -188,7 +188,8 @@ class ChatSession:
         if not argument:
             current = self.manager.conversation(self.conversation_id).adapter
             loaded = self.manager.backend.adapter_names()
-            self.console.print(f"active: {current or 'default (the last --adapter)'}; "
+            active = current or self.manager.backend.describe().get("active_adapter", BASE_MODEL)
+            self.console.print(f"active: {active}; "
                                f"loaded: {', '.join(loaded) or 'none'}", markup=False, highlight=False)
             return True
         self.manager.set_adapter(self.conversation_id, argument)

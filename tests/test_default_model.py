@@ -16,7 +16,7 @@ from assistant.builders.default_model import (
 )
 from assistant.config import GenerationOptions, ModelOptions, Paths
 from assistant.engine import LocalBackend
-from assistant.messages import Message, Role
+from assistant.messages import BASE_MODEL, Message, Role
 from assistant.model import load
 
 pytestmark = pytest.mark.slow
@@ -91,9 +91,10 @@ def test_default_model_in_4bit_with_a_lora_adapter(real_paths: Paths, tmp_path: 
     adapter = get_peft_model(base, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
                                               init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "tiny-lora")
-    loaded4 = load(ModelOptions(quant="4bit", adapters=(str(tmp_path / "tiny-lora"),)), real_paths)
+    options = ModelOptions(quant="4bit", adapters=(str(tmp_path / "tiny-lora"),))
+    loaded4 = load(with_default_model(options, real_paths), real_paths)
     backend = LocalBackend(loaded4)
     question = [Message(Role.USER, "What is the capital of France?")]
     greedy = GenerationOptions(temperature=0, max_new_tokens=12)
-    assert "Paris" in "".join(backend.stream(question, greedy))
-    assert "".join(backend.stream(question, greedy, adapter="tiny-lora"))
+    assert "Paris" in "".join(backend.stream(question, greedy, adapter=BASE_MODEL))
+    assert "".join(backend.stream(question, greedy))  # the adapter given at load is active
