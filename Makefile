@@ -3,10 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-installed
-# llama-cpp-python (a real OpenAI-compatible server for the backend tests and the peers benchmark) compiles
-# llama.cpp: ~25 minutes on 2 cores, so its wheel is kept outside the clone and reused.
-WHEELS ?= $(HOME)/.cache/iris-wheels
-LLAMA_CPP := llama-cpp-python==0.3.36
 
 .PHONY: setup test-setup chat test test-fast lint bench clean
 
@@ -25,9 +21,11 @@ $(STAMP): pyproject.toml
 test-setup: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	mkdir -p $(WHEELS)
-	$(PY) -m pip wheel --quiet --no-deps --find-links $(WHEELS) --wheel-dir $(WHEELS) '$(LLAMA_CPP)'
-	$(PY) -m pip install --quiet --find-links $(WHEELS) '$(LLAMA_CPP)' 'llama-cpp-python[server]'
+	# The suite exercises every VLM family for real, so it needs torchvision: PyPI's torchvision does not import
+	# beside the CPU torch 2.13.0 build, so tests take torch 2.14.1 + torchvision 0.29.1 together (no compiling).
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[dev,vlm]'
+	# llama.cpp's native OpenAI-compatible server for the backend tests and the peers benchmark: a prebuilt wheel.
+	$(PY) -m pip install --quiet xllamacpp==2026.10.11549
 	touch $(TEST_STAMP)
 
 chat: setup
