@@ -1,17 +1,22 @@
-"""``iris adapters``: list, inspect, merge and export the adapters ``iris train`` writes."""
+"""``iris adapters``: list, inspect, merge and export the adapters ``iris train`` writes.
+
+Manifests and directory names are data (an adapter may come from anyone): they are printed through
+``cli.terminal``, never as markup or raw control characters.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from assistant.config import Paths
 from assistant.errors import BadAdapter, IrisError
+from cli.terminal import make_console, styled, visible, visible_json
 
 adapters_app = typer.Typer(help="List, inspect, merge and export trained adapters.", no_args_is_help=True)
 
@@ -31,10 +36,10 @@ def adapters_dir(paths: Paths | None = None) -> Path:
 def resolve_adapter(name: str) -> Path:
     """An adapter by path, or by name in the user adapter dir."""
     path = Path(name).expanduser()
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: a name too long for the file system is "no such adapter", not a crash
         return path
     candidate = adapters_dir() / name
-    if candidate.is_dir():
+    if os.path.isdir(candidate):
         return candidate
     raise BadAdapter(f"{name}: no such adapter (not a directory, nor in {adapters_dir()}); see `iris adapters list`")
 
@@ -47,20 +52,21 @@ def list_adapters() -> None:
     root = adapters_dir()
     found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not found:
-        typer.echo(f"no adapters in {root} (train one with `iris train DATASET`)")
+        typer.echo(visible(f"no adapters in {root} (train one with `iris train DATASET`)"))
         return
     table = Table("name", "kind", "base", "steps", "loss", "created")
     for path in found:
         try:
             manifest = read_manifest(path) or {}
         except BadAdapter:
-            table.add_row(path.name, "?", "corrupt iris_manifest.json", "", "", "")
+            table.add_row(styled(path.name), "?", "corrupt iris_manifest.json", "", "", "")
             continue
-        loss = (manifest.get("metrics") or {}).get("loss")
-        table.add_row(path.name, str(manifest.get("kind", "peft")), str(manifest.get("base_model", "?")),
-                      str(manifest.get("steps", "")), f"{loss:.4f}" if isinstance(loss, float) else "",
-                      str(manifest.get("created", "")))
-    Console().print(table)
+        metrics = manifest.get("metrics")
+        loss = metrics.get("loss") if isinstance(metrics, dict) else None
+        table.add_row(*(styled(str(cell)) for cell in (
+            path.name, manifest.get("kind", "peft"), manifest.get("base_model", "?"), manifest.get("steps", ""),
+            f"{loss:.4f}" if isinstance(loss, float) else "", manifest.get("created", ""))))
+    make_console().print(table)
 
 
 @adapters_app.command()
@@ -72,7 +78,7 @@ def info(name: Annotated[str, typer.Argument(help="Adapter name or directory.")]
     manifest = read_manifest(path)
     if manifest is None:
         raise BadAdapter(f"{path}: no iris_manifest.json (not trained by Iris)")
-    typer.echo(json.dumps({"path": str(path), **manifest}, indent=2, sort_keys=True))
+    typer.echo(visible_json(json.dumps({"path": str(path), **manifest}, indent=2, sort_keys=True, ensure_ascii=False)))
 
 
 @adapters_app.command()
@@ -87,7 +93,7 @@ def merge(name: Annotated[str, typer.Argument(help="Adapter name or directory.")
     path = resolve_adapter(name)
     target = out or Paths.default().data / "models" / f"{path.name}-merged"
     merge_adapter(path, target, model=model, quant=quant, dequantize=dequantize, trust_pickle=trust_pickle)
-    typer.echo(f"wrote {target} (use it with: iris chat --model {target})")
+    typer.echo(visible(f"wrote {target} (use it with: iris chat --model {target})"))
 
 
 @adapters_app.command()
@@ -103,5 +109,5 @@ def export(name: Annotated[str, typer.Argument(help="Adapter name or directory."
     if not check.same_greedy_tokens:
         raise IrisError(f"{out}: the reloaded export predicts other tokens than base + adapter "
                         f"(max logit difference {check.max_logit_difference:.3g})")
-    typer.echo(f"wrote {out} (plain transformers from_pretrained; reload check: max logit difference "
-               f"{check.max_logit_difference:.2e})")
+    typer.echo(visible(f"wrote {out} (plain transformers from_pretrained; reload check: max logit difference "
+                       f"{check.max_logit_difference:.2e})"))

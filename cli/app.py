@@ -1,4 +1,7 @@
-"""The ``iris`` typer app: chat, ask, info and history (training, data and Discord register here too)."""
+"""The ``iris`` typer app: chat, ask, info and history (training, data and Discord register here too).
+
+What a command prints goes through ``cli.terminal``; its errors go to the boundary in ``cli.errors``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from assistant.config import Paths
 from assistant.errors import IrisError
@@ -32,6 +34,7 @@ from cli.options import (
     QuantOption,
     TrustPickleOption,
 )
+from cli.terminal import VisibleStream, make_console, styled, visible_json
 from cli.train_cmd import train
 
 app = typer.Typer(cls=IrisGroup, help="Iris: a local multimodal assistant.", no_args_is_help=True,
@@ -58,18 +61,18 @@ def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
          plain: Annotated[bool, typer.Option("--plain", help="Print answers as plain text, not Markdown.")] = False,
          ) -> None:
     """Chat in the terminal; attach images with /image PATH or by typing their paths."""
-    from cli.chat import ChatSession, print_transcript
+    from cli.chat import ChatSession, parse_conversation_id, print_transcript
     from cli.prompt_input import make_reader
 
     paths = Paths.default()
-    console = Console()
+    console = make_console()
     settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
                                         trust_pickle=trust_pickle, system=system, backend=backend,
                                         base_url=base_url, api_key_env=api_key_env)
     manager, store = runtime.open_manager(settings, paths)
     try:
         if resume is not None:
-            conversation_id = store.latest_conversation_id() if resume == "last" else _parse_id(resume)
+            conversation_id = store.latest_conversation_id() if resume == "last" else parse_conversation_id(resume)
             if conversation_id is None:
                 raise IrisError("no stored conversation to resume")
             manager.conversation(conversation_id)
@@ -77,20 +80,14 @@ def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
         else:
             conversation_id = manager.new_conversation()
         info = manager.backend.describe()
-        console.print(f"[bold]Iris[/bold] · {info['model']} · {info['device']} · {info['quantization']} · "
-                      f"conversation #{conversation_id} · /help for commands", highlight=False)
+        console.print(styled(("Iris", "bold"), f" · {info['model']} · {info['device']} · {info['quantization']} · "
+                             f"conversation #{conversation_id} · /help for commands"))
         session = ChatSession(manager, conversation_id, console, make_reader(paths.input_history),
                               max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
                               markdown=not plain and console.is_terminal)
         session.run()
     finally:
         store.close()
-
-
-def _parse_id(text: str) -> int:
-    if not text.isdigit():
-        raise IrisError(f"conversation id must be a number or 'last', got {text!r}")
-    return int(text)
 
 
 @app.command()
@@ -126,12 +123,13 @@ def ask(question: Annotated[str, typer.Argument(help="The question.")],
                       "images": [{"name": i.name, "sha256": i.sha256, "width": i.width, "height": i.height}
                                  for i in images], "notices": turn.notices,
                       "seconds": round(time.perf_counter() - started, 3)}
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.write(visible_json(json.dumps(record, ensure_ascii=False)) + "\n")
         else:
+            stream = VisibleStream()
             for chunk in turn:
-                sys.stdout.write(chunk)
+                sys.stdout.write(stream.feed(chunk))
                 sys.stdout.flush()
-            sys.stdout.write("\n")
+            sys.stdout.write(stream.end() + "\n")
     finally:
         store.close()
 
@@ -146,14 +144,14 @@ def info(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
                                         trust_pickle=trust_pickle, backend=backend, base_url=base_url,
                                         api_key_env=api_key_env)
     details = runtime.open_backend(settings, paths).describe()
-    console = Console()
+    console = make_console(soft_wrap=True)
     for key, value in details.items():
         if key == "memory_bytes":
             value = f"{value / 2**20:.1f} MiB"
         elif isinstance(value, list):
-            value = ", ".join(value) or "none"
-        console.print(f"{key.replace('_', ' ')}: {value}", highlight=False, markup=False)
-    console.print(f"data: {paths.database}", highlight=False)
+            value = ", ".join(map(str, value)) or "none"
+        console.print(styled(f"{key.replace('_', ' ')}: {value}"))
+    console.print(styled(f"data: {paths.database}"))
 
 
 def _with_store(action):  # type: ignore[no-untyped-def]
@@ -171,49 +169,64 @@ def history_list() -> None:
     """Stored conversations, newest first."""
     from cli.chat import print_conversation_list
 
-    _with_store(lambda store: print_conversation_list(Console(), store))
+    _with_store(lambda store: print_conversation_list(make_console(), store))
+
+
+IdArgument = Annotated[str, typer.Argument(help="Conversation id (see `iris history list`).", show_default=False)]
 
 
 @history_app.command("show")
-def history_show(conversation_id: int) -> None:
+def history_show(conversation_id: IdArgument) -> None:
     """Print one conversation."""
-    from cli.chat import print_transcript
+    from cli.chat import parse_conversation_id, print_transcript
+
+    number = parse_conversation_id(conversation_id)
 
     def show(store):  # type: ignore[no-untyped-def]
-        record = store.conversation(conversation_id)
-        console = Console()
+        record = store.conversation(number)
+        console = make_console(soft_wrap=True)
         if record.system_prompt:
-            console.print(f"system: {record.system_prompt}", markup=False, highlight=False)
-        print_transcript(console, store.thread(conversation_id))
+            console.print(styled(f"system: {record.system_prompt}"))
+        print_transcript(console, store.thread(number))
 
     _with_store(show)
 
 
 @history_app.command("export")
-def history_export(conversation_id: int,
-                   out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write into.")]) -> None:
-    """Write a conversation as LLaVA JSON (dataset.json + images/) for training."""
+def history_export(conversation_ids: Annotated[list[str], typer.Argument(
+                       help="Conversation id(s); several land in one dataset.json.", show_default=False)],
+                   out: Annotated[Path, typer.Option("--out", "-o", help="New or empty directory to write into.")],
+                   force: Annotated[bool, typer.Option("--force", help="Write into a directory that is not empty, "
+                                                       "replacing its dataset.json.")] = False) -> None:
+    """Write conversations as LLaVA JSON (dataset.json + images/) for training."""
+    from cli.chat import parse_conversation_id
+
+    numbers = list(dict.fromkeys(parse_conversation_id(text) for text in conversation_ids))
 
     def export(store):  # type: ignore[no-untyped-def]
-        record = store.conversation(conversation_id)
-        messages = store.thread(conversation_id)
-        if record.system_prompt:
-            messages = [Message(Role.SYSTEM, record.system_prompt), *messages]
-        if out.exists() and not out.is_dir():
-            raise IrisError(f"{out}: exists and is not a directory")
-        target = export_llava([(f"conversation-{conversation_id}", messages)], out)
-        Console().print(f"wrote {target}", highlight=False)
+        records = []
+        for number in numbers:
+            record = store.conversation(number)
+            messages = store.thread(number)
+            if record.system_prompt:
+                messages = [Message(Role.SYSTEM, record.system_prompt), *messages]
+            records.append((f"conversation-{number}", messages))
+        target = export_llava(records, out, force=force)
+        make_console(soft_wrap=True).print(styled(f"wrote {target} ({len(records)} conversation(s))"))
 
     _with_store(export)
 
 
 @history_app.command("delete")
-def history_delete(conversation_id: int) -> None:
+def history_delete(conversation_id: IdArgument) -> None:
     """Delete a conversation (its images too, unless another conversation uses them)."""
+    from cli.chat import parse_conversation_id
+
+    number = parse_conversation_id(conversation_id)
 
     def delete(store):  # type: ignore[no-untyped-def]
-        store.delete_conversation(conversation_id)
-        Console().print(f"deleted conversation #{conversation_id}")
+        store.delete_conversation(number)
+        make_console().print(styled(f"deleted conversation #{number}"))
 
     _with_store(delete)
 

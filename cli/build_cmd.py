@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from assistant.config import Paths
+from cli.terminal import visible
 
 
 def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) directory for the composed model.")],
@@ -28,7 +29,7 @@ def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) direct
     paths = Paths.default()
 
     def progress(message: str) -> None:
-        typer.echo(message, err=True)
+        typer.echo(visible(message), err=True)
 
     check_out_dir(out)  # the cheap checks come before any slow default conversion
     vision_dir = vision or default_vision_tower_dir(paths)
@@ -37,5 +38,5 @@ def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) direct
     progress(f"composing {llm_dir.name} + {vision_dir.name} at {image_size} px")
     result = compose_llava(llm_dir, vision_dir, out, image_size=image_size, seed=seed)
     record = json.loads((result / BUILD_FILE).read_text(encoding="utf-8"))
-    typer.echo(f"wrote {result}: {record['tokens_per_image']} tokens per image ({image_size} px); "
-               "the projector is untrained")
+    typer.echo(visible(f"wrote {result}: {record['tokens_per_image']} tokens per image ({image_size} px); "
+                       "the projector is untrained"))

@@ -1,12 +1,16 @@
 """The interactive ``iris chat`` loop: input, slash commands, image attachment and streaming output.
 
 Input comes from a prompt_toolkit session (history, multi-line, path
-completion); tests pass a session reading from a pipe. Every ``IrisError`` is
-printed as one line and the conversation carries on unchanged.
+completion) or, when stdin is a pipe or a file, from its lines; tests pass a
+session reading from a pipe. Every ``IrisError`` is printed as one line and the
+conversation carries on unchanged. Everything shown goes through
+``cli.terminal``: answers and stored text are data, never terminal controls or markup.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,15 +18,15 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
-from rich.markup import escape
 
 from assistant.dialogue import DialogueManager
-from assistant.errors import BadCommand, IrisError
+from assistant.errors import BadCommand, ConversationNotFound, IrisError, one_line
 from assistant.export import export_llava
 from assistant.messages import BASE_MODEL, ImageAttachment, Message, Role
 from assistant.store import Store
 from assistant.vision import load_image_path
-from cli.inline_paths import extract_images
+from cli.inline_paths import extract_images, split_words
+from cli.terminal import VisibleStream, styled, visible
 
 HELP = """\
 /help                 this list
@@ -31,7 +35,7 @@ HELP = """\
 /system [TEXT]        show or set the system prompt (/system none clears it)
 /set [NAME VALUE]     show or change sampling: temperature top_p top_k max_new_tokens repetition_penalty seed
 /adapter [NAME|none]  show or switch the LoRA adapter for this conversation
-/save DIR             export this conversation as LLaVA JSON (with its images) into DIR
+/save DIR [--force]   export this conversation as LLaVA JSON (with its images) into a new or empty DIR
 /load ID              continue a stored conversation
 /history              list stored conversations
 /tokens               tokens used by this conversation, and the context size
@@ -73,7 +77,10 @@ class ChatSession:
                 interrupts += 1
                 if interrupts >= 2:
                     break
-                self.console.print("[dim](Ctrl+C again or /exit to quit)[/dim]")
+                self._say(("(Ctrl+C again or /exit to quit)", "dim"))
+                continue
+            except IrisError as error:
+                self._error(error)
                 continue
             interrupts = 0
             if not line.strip():
@@ -88,32 +95,43 @@ class ChatSession:
         body = line.lstrip()[3:]
         lines = [body]
         while not lines[-1].rstrip().endswith('"""'):
-            lines.append(self.read_line("... "))
+            try:
+                lines.append(self.read_line("... "))
+            except EOFError:
+                raise IrisError('the input ended inside a """ block; it was not sent') from None
         lines[-1] = lines[-1].rstrip()[:-3]
         return "\n".join(lines).strip("\n")
 
     def handle(self, line: str) -> bool:
         """Process one input; returns False when the user asked to leave."""
         try:
+            _check_input(line)
             if line.startswith("/") and not line.startswith("//"):
                 name, _, argument = line[1:].partition(" ")
                 command = self._commands.get(name.strip())
-                if command is None and not Path(line.split()[0]).exists():
+                if command is None and not os.path.exists(line.split()[0]):  # a pasted absolute path is a message
                     raise BadCommand(f"unknown command /{name}; /help lists them")
                 if command is not None:
                     return command(argument.strip())
             self._send(line)
         except IrisError as error:
-            self.console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
+            self._error(error)
         return True
+
+    def _say(self, *parts: str | tuple[str, str]) -> None:
+        """One line (or a block) of data for the user; the terminal wraps it, so a path copies whole."""
+        self.console.print(styled(*parts), soft_wrap=True)
+
+    def _error(self, error: IrisError) -> None:
+        self._say(("error:", "bold red"), " " + one_line(error))
 
     # sending -------------------------------------------------------------
 
     def _attach(self, path: Path) -> ImageAttachment:
         image = load_image_path(path, **self._caps)
         cost = self.manager.image_token_cost(image)
-        self.console.print(f"[green]attached[/green] {escape(path.name)} ({image.width}x{image.height}, "
-                           f"{len(image.data) / 1024:.0f} KB, {cost} tokens)", highlight=False)
+        self._say(("attached", "green"), f" {path.name} ({image.width}x{image.height}, "
+                  f"{len(image.data) / 1024:.0f} KB, {cost} tokens)")
         return image
 
     def _send(self, line: str) -> None:
@@ -122,26 +140,28 @@ class ChatSession:
         turn = self.manager.send(self.conversation_id, text, images)
         self.pending = []
         for notice in turn.notices:
-            self.console.print(f"[yellow]note:[/yellow] {notice}", highlight=False)
+            self._say(("note:", "yellow"), f" {notice}")
         try:
             self._show_stream(turn)
         except KeyboardInterrupt:
-            self.console.print("\n[yellow]⏹ interrupted — partial answer kept[/yellow]")
+            self._say("\n", ("⏹ interrupted — partial answer kept", "yellow"))
 
     def _show_stream(self, turn: Any) -> None:
         if not self.markdown:
+            stream = VisibleStream()
             for chunk in turn:
-                self.console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
-            self.console.print()
+                self.console.print(styled(stream.feed(chunk)), end="", soft_wrap=True)
+            self._say(stream.end())
             return
+        # Links print as "text (url)", never as hidden terminal hyperlinks.
         with Live(Markdown(""), console=self.console, refresh_per_second=10, vertical_overflow="visible") as live:
             for _ in turn:
-                live.update(Markdown(turn.text))
+                live.update(Markdown(visible(turn.text), hyperlinks=False))
 
     # slash commands --------------------------------------------------------
 
     def _help(self, _: str) -> bool:
-        self.console.print(HELP, markup=False, highlight=False)
+        self._say(HELP)
         return True
 
     def _image(self, argument: str) -> bool:
@@ -160,28 +180,28 @@ class ChatSession:
             system_prompt=record.system_prompt or "", options=self.manager.options(self.conversation_id),
             adapter=record.adapter)
         self.pending = []
-        self.console.print(f"new conversation #{self.conversation_id}")
+        self._say(f"new conversation #{self.conversation_id}")
         return True
 
     def _system(self, argument: str) -> bool:
         if not argument:
             current = self.manager.conversation(self.conversation_id).system_prompt
-            self.console.print(current or "(no system prompt)", markup=False, highlight=False)
+            self._say(current or "(no system prompt)")
             return True
         self.manager.set_system_prompt(self.conversation_id, None if argument == "none" else argument)
-        self.console.print("system prompt set" if argument != "none" else "system prompt cleared")
+        self._say("system prompt set" if argument != "none" else "system prompt cleared")
         return True
 
     def _set(self, argument: str) -> bool:
         if not argument:
             for name, value in self.manager.options(self.conversation_id).as_dict().items():
-                self.console.print(f"{name} = {value}", highlight=False)
+                self._say(f"{name} = {value}")
             return True
         parts = argument.split()
         if len(parts) != 2:
             raise BadCommand("usage: /set NAME VALUE (e.g. /set temperature 0.2)")
         updated = self.manager.set_option(self.conversation_id, parts[0], parts[1])
-        self.console.print(f"{parts[0]} = {getattr(updated, parts[0])}", highlight=False)
+        self._say(f"{parts[0]} = {getattr(updated, parts[0])}")
         return True
 
     def _adapter(self, argument: str) -> bool:
@@ -189,22 +209,22 @@ class ChatSession:
             current = self.manager.conversation(self.conversation_id).adapter
             loaded = self.manager.backend.adapter_names()
             active = current or self.manager.backend.describe().get("active_adapter", BASE_MODEL)
-            self.console.print(f"active: {active}; "
-                               f"loaded: {', '.join(loaded) or 'none'}", markup=False, highlight=False)
+            self._say(f"active: {active}; loaded: {', '.join(loaded) or 'none'}")
             return True
         self.manager.set_adapter(self.conversation_id, argument)
-        self.console.print(f"adapter: {argument}", markup=False, highlight=False)
+        self._say(f"adapter: {argument}")
         return True
 
     def _save(self, argument: str) -> bool:
-        if not argument:
-            raise BadCommand("/save needs a directory: /save DIR")
-        out = Path(argument).expanduser()
-        if out.exists() and not out.is_dir():
-            raise BadCommand(f"{out}: exists and is not a directory")
+        words = [word.text for word in split_words(argument)]  # quoted or backslash-escaped like inline paths
+        force = "--force" in words
+        places = [word for word in words if word != "--force"]
+        if len(places) != 1:
+            raise BadCommand("/save needs a directory: /save DIR [--force]")
+        out = self.cwd / Path(places[0]).expanduser()
         target = export_llava([(f"conversation-{self.conversation_id}",
-                                self._with_system(self.manager.history(self.conversation_id)))], out)
-        self.console.print(f"saved to {target}", highlight=False)
+                                self._with_system(self.manager.history(self.conversation_id)))], out, force=force)
+        self._say(f"saved to {target}")
         return True
 
     def _with_system(self, messages: list[Message]) -> list[Message]:
@@ -212,12 +232,13 @@ class ChatSession:
         return [Message(Role.SYSTEM, system), *messages] if system else messages
 
     def _load(self, argument: str) -> bool:
-        if not argument.isdigit():
+        if not _ID.fullmatch(argument):
             raise BadCommand("usage: /load ID (see /history)")
-        self.manager.conversation(int(argument))
-        self.conversation_id = int(argument)
+        conversation_id = parse_conversation_id(argument)
+        self.manager.conversation(conversation_id)
+        self.conversation_id = conversation_id
         self.pending = []
-        self.console.print(f"continuing conversation #{self.conversation_id}")
+        self._say(f"continuing conversation #{self.conversation_id}")
         print_transcript(self.console, self.manager.history(self.conversation_id))
         return True
 
@@ -228,25 +249,53 @@ class ChatSession:
     def _tokens(self, _: str) -> bool:
         used = self.manager.token_count(self.conversation_id)
         backend = self.manager.backend
-        self.console.print(f"{used} tokens in this conversation; context {backend.context_length}, "
-                           f"answers up to {self.manager.options(self.conversation_id).max_new_tokens}")
+        self._say(f"{used} tokens in this conversation; context {backend.context_length}, "
+                  f"answers up to {self.manager.options(self.conversation_id).max_new_tokens}")
         return True
 
     def _exit(self, _: str) -> bool:
         return False
 
 
+_ID = re.compile("[0-9]+")
+_LARGEST_ID = 2**63 - 1  # SQLite's INTEGER
+
+
+def parse_conversation_id(text: str) -> int:
+    """A conversation id as typed (``--resume``, ``/load``, ``history``): digits, never beyond SQLite's range."""
+    if not _ID.fullmatch(text):
+        raise BadCommand(f"a conversation id is a number, got {text!r}")
+    if int(text) > _LARGEST_ID:
+        raise ConversationNotFound(f"no conversation with id {text}")
+    return int(text)
+
+
+def _check_input(line: str) -> None:
+    """Refuse what no model or store should get silently mangled: undecodable bytes and NUL characters."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise IrisError(f"the message is not valid UTF-8 ({visible(line[error.start])} at character "
+                        f"{error.start + 1}); it was not sent") from None
+    nul = line.find("\0")
+    if nul != -1:
+        raise IrisError(f"the message contains a NUL character (^@ at character {nul + 1}); it was not sent")
+
+
 def print_transcript(console: Console, messages: list[Any]) -> None:
+    """Stored messages as ``role [n image(s)] [interrupted]: text`` (``--resume``, ``/load``, ``history show``)."""
     for message in messages:
         images = f" [{len(message.images)} image(s)]" if message.images else ""
         mark = " [interrupted]" if message.interrupted else ""
-        console.print(f"{message.role.value}{images}{mark}: {message.text}", markup=False, highlight=False)
+        console.print(styled(f"{message.role.value}{images}{mark}: {message.text}"), soft_wrap=True)
 
 
 def print_conversation_list(console: Console, store: Store) -> None:
+    """The newest conversations, one line each: a title is shown on one line whatever it holds."""
     import datetime
 
     for record in store.list_conversations(limit=20):
         when = datetime.datetime.fromtimestamp(record.updated_at).strftime("%Y-%m-%d %H:%M")
-        console.print(f"#{record.id}  {when}  {record.message_count} messages  {record.source}  {record.title}",
-                      highlight=False, markup=False)
+        title = " ".join(record.title.split())
+        console.print(styled(f"#{record.id}  {when}  {record.message_count} messages  {record.source}  {title}"),
+                      soft_wrap=True)

@@ -9,6 +9,7 @@ from assistant.config import Paths
 from assistant.errors import BackendError, one_line
 from cli import runtime
 from cli.options import AdapterOption, ApiKeyEnvOption, BackendOption, BaseUrlOption, ModelOption, QuantOption
+from cli.terminal import VisibleLogRecords
 
 
 def discord(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterOption = None,
@@ -49,7 +50,10 @@ def discord(model: ModelOption = None, quant: QuantOption = None, adapter: Adapt
 
 
 def _log_to_stderr() -> None:
-    """INFO logs on stderr for the bot and discord.py: ids and events, never contents or the token."""
+    """INFO logs on stderr for the bot and discord.py: ids and events, never contents or the token. Names and
+    library errors in them come from Discord, so they are made visible before they reach the terminal."""
     import discord as discord_lib
 
-    discord_lib.utils.setup_logging(level=logging.INFO)
+    handler = logging.StreamHandler()
+    handler.addFilter(VisibleLogRecords())
+    discord_lib.utils.setup_logging(handler=handler, level=logging.INFO)

@@ -3,7 +3,9 @@
 Terminals paste dragged files as absolute paths, often quoted or with
 backslash-escaped spaces; users type relative and ``~`` paths. A word becomes
 an attachment only when it names an existing file that is an image (by
-extension or magic bytes); anything else stays in the text.
+extension or magic bytes); anything else stays in the text. Words are whatever the user or a pipe
+sends: one that no file system could name (too long, a NUL byte, an unknown ``~user``) is text too,
+never an error.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def split_words(line: str) -> list[Word]:
 
 
 def _is_image_file(path: Path) -> bool:
-    if not path.is_file():
+    if not os.path.isfile(path):  # False, not an error, for names too long, unreadable places and NUL bytes
         return False
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
@@ -71,7 +73,10 @@ def resolve_candidate(text: str, cwd: Path) -> Path | None:
     looks_like_path = "/" in text or text.startswith("~") or Path(text).suffix.lower() in IMAGE_SUFFIXES
     if not looks_like_path:
         return None
-    path = Path(os.path.expanduser(text))
+    try:
+        path = Path(os.path.expanduser(text))
+    except ValueError:  # "~user" lookups refuse NUL bytes
+        return None
     if not path.is_absolute():
         path = cwd / path
     return path if _is_image_file(path) else None

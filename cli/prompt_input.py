@@ -1,10 +1,17 @@
-"""prompt_toolkit input for ``iris chat``: persistent history and tab-completion of file paths."""
+"""Input for ``iris chat``: prompt_toolkit on a terminal (history, path completion), plain lines from a pipe.
+
+``iris chat < questions.txt`` reads its input line by line from stdin without prompts, history or a
+terminal to draw on. The input history holds what the user typed, so it is private (0600).
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
@@ -36,10 +43,39 @@ class ChatCompleter(Completer):
 
 
 def make_reader(history_file: Path | None, **session_options: Any) -> Callable[[str], str]:
-    """A line reader; ``session_options`` lets tests pass a pipe ``input`` and a dummy ``output``."""
-    if history_file is not None:
-        history_file.parent.mkdir(parents=True, exist_ok=True)
-    history = FileHistory(str(history_file)) if history_file is not None else InMemoryHistory()
+    """A line reader: prompt_toolkit on a terminal, plain lines when stdin is a pipe or a file.
+
+    ``session_options`` lets tests pass a pipe ``input`` and a dummy ``output`` to prompt_toolkit.
+    """
+    if not session_options and (sys.stdin is None or not sys.stdin.isatty()):
+        return read_lines(sys.stdin.buffer if sys.stdin is not None else io.BytesIO())
+    history = _private_history(history_file) if history_file is not None else InMemoryHistory()
     session: PromptSession[str] = PromptSession(history=history, completer=ChatCompleter(),
                                                 complete_while_typing=False, **session_options)
     return lambda prompt: session.prompt(prompt)
+
+
+def read_lines(stream: BinaryIO) -> Callable[[str], str]:
+    """Lines of ``stream`` without their line ending; bytes that are not UTF-8 arrive as lone surrogates,
+    which the chat refuses line by line."""
+
+    def read_line(_prompt: str) -> str:
+        line = stream.readline()
+        if not line:
+            raise EOFError
+        line = line[:-1] if line.endswith(b"\n") else line
+        line = line[:-1] if line.endswith(b"\r") else line
+        return line.decode("utf-8", "surrogateescape")
+
+    return read_line
+
+
+def _private_history(path: Path) -> FileHistory:
+    """The history file, created (or tightened) to 0600 before prompt_toolkit appends to it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+    finally:
+        os.close(descriptor)
+    return FileHistory(str(path))

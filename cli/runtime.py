@@ -10,11 +10,10 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from rich.console import Console
-
 from assistant.config import BackendOptions, ModelOptions, Paths, Settings, load_settings
 from assistant.dialogue import ChatBackend, DialogueManager
 from assistant.store import Store
+from cli.terminal import make_console, styled
 
 
 def resolve_settings(paths: Paths, *, model: str | None = None, quant: str | None = None,
@@ -59,10 +58,9 @@ def open_backend(settings: Settings, paths: Paths) -> ChatBackend:
     # One status line with the current stage instead of transformers' tqdm bars and notices.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    status_console = Console(stderr=True)
-    with status_console.status("loading model…") as status:
+    with make_console(stderr=True).status("loading model…") as status:
         def progress(text: str) -> None:
-            status.update(text)
+            status.update(styled(text))  # paths in the text are data, never markup
 
         loaded = model_loading.load(with_default_model(settings.model, paths, progress), paths, progress)
     return LocalBackend(loaded, kv_cache_bytes=settings.kv_cache_mb << 20,

@@ -15,6 +15,7 @@ from adapters.train import TrainOptions
 from assistant.architecture import DEFAULT_LORA_MODULES
 from assistant.config import Paths
 from assistant.errors import BadSetting
+from cli.terminal import visible
 
 
 def default_out(data: Path, stage: str, name: str | None, paths: Paths) -> Path:
@@ -76,5 +77,5 @@ def train(data: Annotated[Path, typer.Argument(help="Dataset: directory, LLaVA .
     result = run_training(options)
     if PartialState().is_main_process:
         evaluated = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
-        typer.echo(f"wrote {result.out} ({result.steps} steps, loss {result.loss:.4f}{evaluated}, "
-                   f"{result.samples_per_second:.1f} samples/s)")
+        typer.echo(visible(f"wrote {result.out} ({result.steps} steps, loss {result.loss:.4f}{evaluated}, "
+                           f"{result.samples_per_second:.1f} samples/s)"))
