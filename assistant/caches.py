@@ -3,8 +3,9 @@
 ``PrefixKVCache`` keeps the KV cache of finished generations, found again by the
 longest common token prefix, so a conversation's next turn prefills only its new
 tokens. ``ImageFeatureCache`` keeps vision tower + projector output per image.
-Both evict the least recently used entries past their byte budget; a miss only
-means recomputing.
+``DecodedImageCache`` keeps images decoded to RGB, so an image in the history is
+decoded once per process, not on every turn. All evict the least recently used
+entries past their byte budget; a miss only means recomputing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
+
+from assistant.messages import ImageAttachment
 
 
 def tensor_bytes(tensor: Any) -> int:
@@ -166,3 +169,27 @@ class ImageFeatureCache:
 
     def put(self, sha256: str, adapter: str | None, features: Any) -> None:
         self._lru.put((sha256, adapter), features, tensor_bytes(features))
+
+
+class DecodedImageCache:
+    """RGB images keyed by the sha256 of their bytes; callers must not modify what they get."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self._lru = ByteLRU(budget_bytes)
+        self.decodes = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._lru.used_bytes
+
+    def get(self, image: ImageAttachment) -> Any:
+        """The decoded image (a PIL image), decoding it only on a miss."""
+        cached = self._lru.get(image.sha256)
+        if cached is not None:
+            return cached
+        from assistant.vision import to_pil
+
+        decoded = to_pil(image)
+        self.decodes += 1
+        self._lru.put(image.sha256, decoded, decoded.width * decoded.height * len(decoded.getbands()))
+        return decoded

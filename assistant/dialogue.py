@@ -1,22 +1,29 @@
 """The dialogue manager every front end talks to, and the backend protocol it drives.
 
-One turn: validate images → store the user message → fit the history into the
-context window (oldest images first, then oldest turns; never the system prompt
-or the newest message) → stream the backend's text → store the answer, marked
-interrupted when it was cut short.
+One turn: validate images → fit the history into the context window (oldest
+images first, then oldest turns; never the system prompt or the newest message)
+→ store the user message with an empty answer after it → stream the backend's
+text, saving the answer as it grows (at most every ``Turn.SAVE_EVERY_S``) → store
+the whole answer, marked interrupted when it was cut short.
+
+Fitting costs O(history) once per turn: each message's token cost is measured
+once (``PromptCosts``), exchanges are dropped arithmetically, and only the fitted
+prompt is counted exactly.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from assistant.config import GenerationOptions
 from assistant.errors import BadAdapter, ContextTooLong, ImagesNotSupported
-from assistant.messages import BASE_MODEL, ImageAttachment, Message, Role
-from assistant.store import ConversationRecord, Store
+from assistant.messages import BASE_MODEL, ImageAttachment, Message, Role, valid_text
+from assistant.store import ConversationRecord, HeadMoved, Store
 
 
 class ChatBackend(Protocol):
@@ -44,42 +51,146 @@ class FittedPrompt:
     notices: list[str] = field(default_factory=list)
 
 
-def fit_to_context(messages: Sequence[Message], backend: ChatBackend, budget: int) -> FittedPrompt:
-    """Drop the oldest images, then the oldest turns, until the prompt fits ``budget`` tokens."""
+_PROBE_USER = Message(Role.USER, "hi")
+_PROBE_ANSWER = Message(Role.ASSISTANT, "hello")
+
+
+class PromptCosts:
+    """What each message adds to a prompt, in the backend's tokens, measured once per message content.
+
+    A message's cost is what it adds to a short valid conversation (a system prompt before a user message, a user
+    message after an exchange, an answer after a user message), so the template's fixed parts (BOS, a default
+    system prompt, the generation prompt) are counted once, in ``base``. Their sum is exact for backends that
+    count additively and close for chat templates; ``fit_to_context`` checks its result with one exact count.
+    """
+
+    def __init__(self, backend: ChatBackend, max_entries: int = 100_000) -> None:
+        self.backend = backend
+        self.max_entries = max_entries
+        self._costs: OrderedDict[tuple[object, ...], int] = OrderedDict()
+        self._contexts: dict[Role, tuple[list[Message], list[Message], int]] = {}
+        self._base: int | None = None
+        self._lock = threading.Lock()
+
+    def of(self, message: Message) -> int:
+        key = (message.role, hash(message.text), len(message.text), tuple(i.sha256 for i in message.images))
+        with self._lock:
+            cost = self._costs.get(key)
+            if cost is not None:
+                self._costs.move_to_end(key)
+                return cost
+        before, after, count = self._context(message.role)
+        cost = self.backend.count_tokens([*before, message, *after]) - count
+        with self._lock:
+            self._costs[key] = cost
+            while len(self._costs) > self.max_entries:
+                self._costs.popitem(last=False)
+        return cost
+
+    def base(self) -> int:
+        """Tokens of the template's fixed parts (a prompt's count minus its messages' costs)."""
+        if self._base is None:
+            self._base = self.backend.count_tokens([_PROBE_USER]) - self.of(_PROBE_USER)
+        return self._base
+
+    def _context(self, role: Role) -> tuple[list[Message], list[Message], int]:
+        """Messages around a message of ``role`` that make a conversation every template accepts, and their count."""
+        if role not in self._contexts:
+            before, after = {Role.SYSTEM: ([], [_PROBE_USER]), Role.USER: ([_PROBE_USER, _PROBE_ANSWER], []),
+                             Role.ASSISTANT: ([_PROBE_USER], [])}[role]
+            self._contexts[role] = (before, after, self.backend.count_tokens([*before, *after]))
+        return self._contexts[role]
+
+
+def fit_to_context(messages: Sequence[Message], backend: ChatBackend, budget: int,
+                   costs: PromptCosts | None = None) -> FittedPrompt:
+    """Drop the oldest images, then the oldest turns, until the prompt fits ``budget`` tokens.
+
+    What to drop is worked out from per-message costs (``costs`` keeps them across turns), walking back from the
+    newest message so that only messages that may be kept are measured; the fitted prompt is then counted exactly
+    once, and only if the estimate fell short is more dropped, counting exactly each time.
+    """
+    costs = costs or PromptCosts(backend)
     kept = list(messages)
-    tokens = backend.count_tokens(kept)
-    notices: list[str] = []
-    first_droppable = 1 if kept and kept[0].role is Role.SYSTEM else 0
+    first = 1 if kept and kept[0].role is Role.SYSTEM else 0
+    newest = len(kept) - 1
     dropped_images = 0
-    for index in range(first_droppable, len(kept) - 1):
-        if tokens <= budget:
-            break
-        if kept[index].images:
-            dropped_images += len(kept[index].images)
-            kept[index] = kept[index].without_images()
-            tokens = backend.count_tokens(kept)
+    if newest >= first:
+        pinned = [*kept[:first], kept[newest]] if newest > 0 else kept[:1]
+        total = costs.base() + sum(costs.of(m) for m in pinned)
+        start = newest  # how far back the history's text fits
+        while start > first and total + costs.of(_plain(kept[start - 1])) <= budget:
+            start -= 1
+            total += costs.of(_plain(kept[start]))
+        with_images = [index for index in range(first, newest) if kept[index].images]
+        if start > first:  # even without images the history is too long: every older image goes, then exchanges
+            dropped_images = sum(len(kept[index].images) for index in with_images)
+            start = _exchange_boundary(kept, first, newest, start)
+            image_cursor = newest
+        else:  # the text fits: drop the oldest images while the images make it too long
+            total += sum(costs.of(kept[index]) - costs.of(_plain(kept[index])) for index in with_images)
+            image_cursor = first
+            for index in with_images:
+                if total <= budget:
+                    break
+                total -= costs.of(kept[index]) - costs.of(_plain(kept[index]))
+                dropped_images += len(kept[index].images)
+                image_cursor = index + 1
+        for index in range(start, image_cursor):
+            kept[index] = _plain(kept[index])
+    else:
+        start = image_cursor = first
+    dropped_messages = start - first
+
+    def shed() -> bool:
+        """Drop the oldest image left, else the oldest exchange (the estimate fell short); False: nothing left."""
+        nonlocal start, image_cursor, dropped_images, dropped_messages
+        while image_cursor < newest and not kept[image_cursor].images:
+            image_cursor += 1
+        if image_cursor < newest:
+            dropped_images += len(kept[image_cursor].images)
+            kept[image_cursor] = _plain(kept[image_cursor])
+            return True
+        if start >= newest:
+            return False
+        after = _exchange_boundary(kept, start, newest, start + 1)
+        dropped_messages += after - start
+        start = after
+        return True
+
+    tokens = backend.count_tokens(kept[:first] + kept[start:])
+    while tokens > budget and shed():
+        tokens = backend.count_tokens(kept[:first] + kept[start:])
+    kept = kept[:first] + kept[start:]
+    notices: list[str] = []
     if dropped_images:
         notices.append(f"dropped {dropped_images} older image(s) to fit the context window")
-    dropped_messages = 0
-    while tokens > budget and first_droppable < len(kept) - 1:
-        # Drop a whole exchange (user + its answer) so roles keep alternating.
-        del kept[first_droppable]
-        dropped_messages += 1
-        if first_droppable < len(kept) - 1 and kept[first_droppable].role is Role.ASSISTANT:
-            del kept[first_droppable]
-            dropped_messages += 1
-        tokens = backend.count_tokens(kept)
     if dropped_messages:
         notices.append(f"dropped {dropped_messages} oldest message(s) to fit the context window")
     if tokens > budget:
-        newest = kept[-1]
-        if newest.images:
+        last = kept[-1]
+        if last.images:
             raise ContextTooLong(
-                f"this message needs {tokens} tokens with its {len(newest.images)} image(s); the model has room "
+                f"this message needs {tokens} tokens with its {len(last.images)} image(s); the model has room "
                 f"for {budget} (context minus max_new_tokens): send fewer images or lower max_new_tokens")
         raise ContextTooLong(f"this message needs {tokens} tokens but the model has room for {budget}: "
                              "shorten it or lower max_new_tokens")
     return FittedPrompt(kept, tokens, notices)
+
+
+def _plain(message: Message) -> Message:
+    return message.without_images() if message.images else message
+
+
+def _exchange_boundary(messages: Sequence[Message], first: int, newest: int, at_least: int) -> int:
+    """Where the kept history starts when whole exchanges are dropped from ``first`` until it starts at or after
+    ``at_least``: a user message and its answer go together, so roles keep alternating."""
+    position = first
+    while position < at_least:
+        position += 1
+        if position < newest and messages[position].role is Role.ASSISTANT:
+            position += 1
+    return position
 
 
 def speaker_labelled(messages: Sequence[Message]) -> list[Message]:
@@ -94,19 +205,23 @@ def speaker_labelled(messages: Sequence[Message]) -> list[Message]:
 class Turn:
     """One answer being generated. Iterate for text chunks; ``cancel()`` from any thread stops it.
 
-    The answer is committed when iteration ends for any reason: exhausted,
-    cancelled, closed early, or interrupted by an exception (e.g. Ctrl+C).
+    The answer's row exists from the start (empty, marked interrupted); its text is saved as it streams, at
+    most every ``SAVE_EVERY_S`` seconds, and finally when iteration ends for any reason: exhausted (then it is
+    unmarked), cancelled, closed early, or interrupted by an exception (e.g. Ctrl+C).
     """
 
+    SAVE_EVERY_S = 0.5
+
     def __init__(self, manager: DialogueManager, conversation_id: int, user_message_id: int,
-                 prompt: FittedPrompt, options: GenerationOptions, adapter: str | None) -> None:
+                 assistant_message_id: int, prompt: FittedPrompt, options: GenerationOptions,
+                 adapter: str | None) -> None:
         self.conversation_id = conversation_id
         self.user_message_id = user_message_id
+        self.assistant_message_id = assistant_message_id
         self.notices = prompt.notices
         self.prompt_tokens = prompt.tokens
         self.text = ""
         self.interrupted = False
-        self.assistant_message_id: int | None = None
         self._manager = manager
         self._prompt = prompt
         self._options = options
@@ -121,13 +236,19 @@ class Turn:
         if self._started:
             raise RuntimeError("a Turn can be iterated only once")
         self._started = True
+        store = self._manager.store
         chunks = self._manager.backend.stream(self._prompt.messages, self._options, self._adapter)
         finished = False
+        saved_at: float | None = None
         try:
             for chunk in chunks:
                 if self._cancel.is_set():
                     break
                 self.text += chunk
+                now = time.monotonic()
+                if saved_at is None or now - saved_at >= self.SAVE_EVERY_S:
+                    store.save_progress(self.assistant_message_id, self.text)
+                    saved_at = now
                 yield chunk
                 if self._cancel.is_set():
                     break
@@ -138,10 +259,7 @@ class Turn:
             if close is not None:
                 close()
             self.interrupted = not finished
-            self.assistant_message_id = self._manager._store.add_message(
-                self.conversation_id,
-                Message(Role.ASSISTANT, self.text, interrupted=self.interrupted),
-                parent_id=self.user_message_id)
+            store.finish_answer(self.assistant_message_id, self.text, interrupted=self.interrupted)
 
     def run(self) -> str:
         """Generate to the end without streaming; returns the whole answer."""
@@ -153,12 +271,15 @@ class Turn:
 class DialogueManager:
     """Conversations over one backend and one store; shared by the CLI and the Discord bot."""
 
+    SEND_ATTEMPTS = 10  # preparations of one message while other front ends keep extending its conversation
+
     def __init__(self, backend: ChatBackend, store: Store, *, default_system_prompt: str | None = None,
                  default_options: GenerationOptions | None = None) -> None:
         self.backend = backend
         self._store = store
         self.default_system_prompt = default_system_prompt
         self.default_options = default_options or GenerationOptions()
+        self._costs = PromptCosts(backend)
 
     @property
     def store(self) -> Store:
@@ -218,8 +339,11 @@ class DialogueManager:
 
     def prompt_messages(self, conversation_id: int, head_message_id: int | None = None) -> list[Message]:
         """The messages as the model sees them: system prompt first, speakers labelled."""
-        record = self.conversation(conversation_id)
-        messages = self.history(conversation_id, head_message_id)
+        return self._prompt_history(self.conversation(conversation_id), head_message_id)
+
+    def _prompt_history(self, record: ConversationRecord, head_message_id: int | None) -> list[Message]:
+        head = head_message_id if head_message_id is not None else record.head_message_id
+        messages = self.history(record.id, head) if head is not None else []
         if record.system_prompt:
             messages.insert(0, Message(Role.SYSTEM, record.system_prompt))
         return speaker_labelled(messages)
@@ -232,16 +356,27 @@ class DialogueManager:
         """Store the user's message and return the ``Turn`` that will answer it.
 
         Errors (images to a text model, a message that cannot fit) are raised
-        before anything is stored, so the conversation stays as it was.
+        before anything is stored, so the conversation stays as it was. If another
+        front end extends the conversation meanwhile, the prompt is built again from
+        the longer history.
         """
         self.check_images(images)
-        record = self.conversation(conversation_id)
-        options = GenerationOptions.from_dict(record.options)
-        budget = self.backend.context_length - options.max_new_tokens
-        user = Message(Role.USER, text, tuple(images), author=author)
-        base_head = parent_id if parent_id is not None else record.head_message_id
-        candidate = self.prompt_messages(conversation_id, base_head) if base_head is not None else (
-            [Message(Role.SYSTEM, record.system_prompt)] if record.system_prompt else [])
-        fitted = fit_to_context([*candidate, *speaker_labelled([user])], self.backend, budget)
-        user_id = self._store.add_message(conversation_id, user, parent_id=base_head, use_head=False)
-        return Turn(self, conversation_id, user_id, fitted, options, record.adapter)
+        author = None if author is None else valid_text(author)
+        user = Message(Role.USER, valid_text(text), tuple(images), author=author)
+        attempts = 0
+        while True:
+            record = self.conversation(conversation_id)
+            options = GenerationOptions.from_dict(record.options)
+            budget = self.backend.context_length - options.max_new_tokens
+            base_head = parent_id if parent_id is not None else record.head_message_id
+            history = self._prompt_history(record, base_head)
+            fitted = fit_to_context([*history, *speaker_labelled([user])], self.backend, budget, self._costs)
+            try:
+                user_id, answer_id = self._store.add_exchange(conversation_id, user, base_head,
+                                                              expected_head=record.head_message_id)
+            except HeadMoved:
+                attempts += 1
+                if attempts == self.SEND_ATTEMPTS:
+                    raise
+                continue
+            return Turn(self, conversation_id, user_id, answer_id, fitted, options, record.adapter)

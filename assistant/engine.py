@@ -8,7 +8,10 @@ Work is reused across turns: the KV cache of each finished generation is kept
 (bounded LRU) and the next prompt that shares its token prefix prefills only the
 new tokens (where the architecture contract says this reproduces a cold run); where
 image features can be spliced into the input embeddings, they are cached per image,
-so the vision tower runs once per image.
+so the vision tower runs once per image, and the prompt's image placeholders are
+expanded from counts measured once, so an image already in the history is neither
+decoded nor preprocessed again. Elsewhere images are decoded once per process
+(``DecodedImageCache``) and preprocessed by the family's processor each turn.
 
 Adapters: a conversation names one, or ``BASE_MODEL`` for none; a conversation that
 names nothing gets the loaded model's active adapter (the last one given at start).
@@ -20,7 +23,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from assistant.caches import ImageFeatureCache, PrefixKVCache
+from assistant.caches import DecodedImageCache, ImageFeatureCache, PrefixKVCache
 from assistant.config import GenerationOptions
 from assistant.errors import BadAdapter
 from assistant.messages import BASE_MODEL, ImageAttachment, Message
@@ -51,9 +54,10 @@ class LocalBackend:
     """Runs a ``LoadedModel`` in this process."""
 
     def __init__(self, loaded: LoadedModel, *, kv_cache_bytes: int = 1 << 30,
-                 feature_cache_bytes: int = 256 << 20) -> None:
+                 feature_cache_bytes: int = 256 << 20, decoded_image_bytes: int = 256 << 20) -> None:
         self.loaded = loaded
-        self.renderer = PromptRenderer(loaded.tokenizer, loaded.processor)
+        self.decoded_images = DecodedImageCache(decoded_image_bytes)
+        self.renderer = PromptRenderer(loaded.tokenizer, loaded.processor, self.decoded_images)
         self.accepts_images = loaded.accepts_images
         self.context_length = loaded.context_length
         self.prefix_cache = PrefixKVCache(kv_cache_bytes)
@@ -156,42 +160,51 @@ class LocalBackend:
         are position-for-position reusable where the contract says so; other prompts get the
         processor's own inputs and a cold prefill.
         """
-        import torch
-
         architecture = self.loaded.architecture
-        encoded = self.renderer.encode(messages)
         device = self.loaded.model.device
+        images = [image for message in messages for image in message.images]
+        if images and architecture.prefix_reuse and architecture.splices_features \
+                and architecture.image_token_id is not None:
+            expanded = self.renderer.encode_expanded(messages, architecture.image_token_id)
+            if expanded is not None:
+                return self._spliced({key: value.to(device) for key, value in expanded.items()}, images, adapter)
+        encoded = self.renderer.encode(messages)
         inputs = {key: value.to(device) for key, value in encoded.items()}
-        token_ids = inputs["input_ids"][0].tolist()
         if not architecture.prefix_reuse:
             return inputs, None
-        images = [image for message in messages for image in message.images]
         if not images:
-            return inputs, tuple(token_ids)
+            return inputs, tuple(inputs["input_ids"][0].tolist())
         if not (architecture.splices_features and set(encoded) <= {"input_ids", "attention_mask", "pixel_values"}):
             return inputs, None
+        return self._spliced(inputs, images, adapter)
+
+    def _spliced(self, inputs: dict[str, Any], images: list[ImageAttachment],
+                 adapter: str | None) -> tuple[dict[str, Any], tuple[int, ...]]:
+        """Inputs with each image's cached features scattered over its placeholder tokens, and their cache key."""
+        import torch
+
         input_ids = inputs["input_ids"]
+        token_ids = input_ids[0].tolist()
         embeddings = self.loaded.model.get_input_embeddings()(input_ids)
         per_image = [self.image_features(image, adapter) for image in images]
         features = torch.cat(per_image).to(embeddings.dtype)
-        image_token = architecture.image_token_id
+        image_token = self.loaded.architecture.image_token_id
         mask = (input_ids == image_token).unsqueeze(-1)
-        inputs = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"],
-                  "inputs_embeds": embeddings.masked_scatter(mask, features)}
+        spliced = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"],
+                   "inputs_embeds": embeddings.masked_scatter(mask, features)}
         image_values = iter([-1 - int(image.sha256[:15], 16) for image, f in zip(images, per_image, strict=True)
                              for _ in range(f.shape[0])])
-        return inputs, tuple(next(image_values) if token == image_token else token for token in token_ids)
+        return spliced, tuple(next(image_values) if token == image_token else token for token in token_ids)
 
     def image_features(self, image: ImageAttachment, adapter: str | None) -> Any:
         """Vision tower + projector output for one image, computed once while it stays cached."""
         cached = self.feature_cache.get(image.sha256, adapter)
         if cached is not None:
             return cached
-        from assistant.vision import to_pil
-
         config = self.loaded.model.config
         assert self.loaded.processor is not None, "image features need a vision model's processor"
-        pixels = self.loaded.processor.image_processor(images=[to_pil(image)], return_tensors="pt")["pixel_values"]
+        pixels = self.loaded.processor.image_processor(images=[self.decoded_images.get(image)],
+                                                       return_tensors="pt")["pixel_values"]
         output = self.loaded.model.get_image_features(
             pixel_values=pixels.to(self.loaded.model.device, self.loaded.model.dtype),
             vision_feature_layer=config.vision_feature_layer,

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 # The adapter name that runs the base model with every adapter off; a conversation with no adapter of its own
 # uses the backend's active adapter (the last one given at start).
 BASE_MODEL = "none"
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with lone surrogates (what undecodable bytes in argv or stdin, or ``\\ud800`` escapes in JSON,
+    become) replaced by U+FFFD: they cannot be stored as UTF-8, tokenized or shown."""
+    return _SURROGATES.sub("\ufffd", text)
 
 
 class Role(StrEnum):

@@ -2,14 +2,16 @@
 
 Also counts a prompt's true token length, including what each image really
 costs for the loaded processor (measured once per image and cached), and builds
-the assistant-only loss mask used by training.
+the assistant-only loss mask used by training. Images are decoded through an
+optional ``DecodedImageCache`` so a long-lived renderer decodes each one once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from assistant.caches import DecodedImageCache
 from assistant.messages import ImageAttachment, Message, Role
 from assistant.vision import to_pil
 
@@ -23,9 +25,11 @@ class PromptRenderer:
     is counted and expanded the way its processor does it.
     """
 
-    def __init__(self, tokenizer: Any, processor: Any | None = None) -> None:
+    def __init__(self, tokenizer: Any, processor: Any | None = None,
+                 decoded: DecodedImageCache | None = None) -> None:
         self.tokenizer = tokenizer
         self.processor = processor
+        self._decode: Callable[[ImageAttachment], Any] = decoded.get if decoded is not None else to_pil
         self._image_extra: dict[str, int] = {}
         self._placeholder: str | None = None
         self._template_takes_parts: bool | None = None
@@ -77,10 +81,31 @@ class PromptRenderer:
     def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> dict[str, Any]:
         """Tensors for ``generate``: input_ids, attention_mask and, with images, what the processor adds."""
         text = self.text(messages, add_generation_prompt)
-        images = [to_pil(image) for m in messages for image in m.images]
+        images = [self._decode(image) for m in messages for image in m.images]
         if self.processor is not None and images:
             return dict(self.processor(text=text, images=images, return_tensors="pt", add_special_tokens=False))
         return dict(self.tokenizer(text, return_tensors="pt", add_special_tokens=False))
+
+    def encode_expanded(self, messages: Sequence[Message], image_token_id: int) -> dict[str, Any] | None:
+        """``encode``'s input_ids and attention_mask without running the processor on the images: each image's
+        placeholder token repeated as often as the processor expands it (measured once per image), so an image
+        already in the history is not decoded again. None where an image's placeholder is not that one token
+        repeated (the processor's own ``encode`` is needed there)."""
+        import torch
+
+        if self.tokenizer(self._marker(), add_special_tokens=False)["input_ids"] != [image_token_id]:
+            return None
+        images = iter([image for m in messages for image in m.images])
+        ids: list[int] = []
+        for token in self.tokenizer(self.text(messages), add_special_tokens=False)["input_ids"]:
+            image = next(images, None) if token == image_token_id else None
+            if token == image_token_id and image is None:
+                return None  # more placeholders than images: let the processor report it
+            ids.extend([token] * (1 + self._expansion(image)) if image is not None else [token])
+        if next(images, None) is not None:
+            return None
+        input_ids = torch.tensor([ids])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     def count(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> int:
         """True prompt length in tokens, images included: equal to ``encode``'s length."""
@@ -109,7 +134,7 @@ class PromptRenderer:
             return 0
         if image.sha256 not in self._image_extra:
             assert self.processor is not None
-            expanded = self.processor(text=marker, images=[to_pil(image)], return_tensors="pt",
+            expanded = self.processor(text=marker, images=[self._decode(image)], return_tensors="pt",
                                       add_special_tokens=False)
             plain = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
             self._image_extra[image.sha256] = int(expanded["input_ids"].shape[-1]) - len(plain)

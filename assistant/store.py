@@ -3,12 +3,20 @@
 The schema is an ordered list of migration functions; ``PRAGMA user_version``
 records how many have run. WAL mode lets the CLI and the bot read while the
 other writes. One connection per ``Store`` guarded by a lock, so the Discord
-bot's worker threads can share it.
+bot's worker threads can share it. The database holds conversations: it and its
+``-wal``/``-shm`` files are readable by their owner only (0600).
+
+Several front ends may write one conversation at once. A turn stores the user's
+message and an empty answer after it in one transaction, and that answer becomes
+the head, so a message sent meanwhile from elsewhere follows it: every answer stays
+on the head's thread. The answer's text is then updated while it streams (marked
+interrupted until it finishes), so a killed process keeps what had been shown.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -18,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from assistant.errors import ConversationNotFound
-from assistant.messages import ImageAttachment, Message, Role
+from assistant.errors import ConversationNotFound, IrisError, one_line
+from assistant.messages import ImageAttachment, Message, Role, valid_text
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
@@ -93,7 +101,43 @@ def _m002_external_ids(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_external_ids]
+def _m003_external_scope(db: sqlite3.Connection) -> None:
+    """Where a front end's id was seen (a Discord channel), so a reference from elsewhere is not followed."""
+    db.execute("ALTER TABLE external_ids ADD COLUMN scope TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_external_ids, _m003_external_scope]
+
+PRIVATE_MODE = 0o600
+_ROLES = {role.value: role for role in Role}
+
+
+class HeadMoved(IrisError):
+    """The conversation grew (another front end wrote) between reading its history and storing a message."""
+
+
+def _row_id(conversation_id: int) -> int:
+    """A conversation id SQLite can hold (a 23-digit one is not in the store, not an OverflowError)."""
+    if not -(2 ** 63) <= conversation_id < 2 ** 63:
+        raise ConversationNotFound(f"no conversation with id {conversation_id}")
+    return conversation_id
+
+
+def _text(value: Any) -> Any:
+    return valid_text(value) if isinstance(value, str) else value
+
+
+def _make_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it (its -wal and -shm files copy that mode), and
+    tighten one an older version left readable by others."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    os.close(descriptor)
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if name.is_file() and name.stat().st_mode & 0o077:
+                os.chmod(name, PRIVATE_MODE)
+        except OSError:  # someone else's file: SQLite will say whether it can be used
+            pass
 
 
 @dataclass(frozen=True)
@@ -115,15 +159,21 @@ class Store:
 
     def __init__(self, path: Path | str) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private(path)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except (OSError, sqlite3.Error) as error:  # a directory, a read-only place, a file that is no database
+            if hasattr(self, "_db"):
+                self._db.close()
+            raise IrisError(f"{path}: cannot open the conversation database ({one_line(error)})") from None
 
     def _migrate(self) -> None:
         with self._transaction() as db:
@@ -142,10 +192,11 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # also when COMMIT itself failed: never leave one open
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +212,7 @@ class Store:
             cursor = db.execute(
                 "INSERT INTO conversations (title, created_at, updated_at, system_prompt, options, adapter, source)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (title, now, now, system_prompt, json.dumps(options or {}), adapter, source),
+                (valid_text(title), now, now, _text(system_prompt), json.dumps(options or {}), adapter, source),
             )
             return int(cursor.lastrowid or 0)
 
@@ -169,7 +220,7 @@ class Store:
         with self._lock:
             row = self._db.execute(
                 "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
-                " FROM conversations c WHERE c.id = ?", (conversation_id,)).fetchone()
+                " FROM conversations c WHERE c.id = ?", (_row_id(conversation_id),)).fetchone()
         if row is None:
             raise ConversationNotFound(f"no conversation with id {conversation_id}")
         return _record(row)
@@ -196,7 +247,7 @@ class Store:
         if not fields or set(fields) - allowed:
             raise ValueError(f"update_conversation takes {sorted(allowed)}")
         self.conversation(conversation_id)
-        values = {k: json.dumps(v) if k == "options" else v for k, v in fields.items()}
+        values = {k: json.dumps(v) if k == "options" else _text(v) for k, v in fields.items()}
         assignments = ", ".join(f"{k} = ?" for k in values)
         with self._transaction() as db:
             db.execute(f"UPDATE conversations SET {assignments}, updated_at = ? WHERE id = ?",
@@ -212,53 +263,107 @@ class Store:
 
     def add_message(self, conversation_id: int, message: Message, parent_id: int | None = None,
                     *, use_head: bool = True) -> int:
-        """Append ``message`` after ``parent_id`` (default: the current head) and make it the head."""
-        record = self.conversation(conversation_id)
-        if parent_id is None and use_head:
-            parent_id = record.head_message_id
+        """Append ``message`` after ``parent_id`` (default: the head at commit time) and make it the head."""
         now = time.time()
         with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO messages (conversation_id, parent_id, role, text, author, interrupted, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, parent_id, message.role.value, message.text, message.author,
-                 int(message.interrupted), now))
-            message_id = int(cursor.lastrowid or 0)
-            for position, image in enumerate(message.images):
-                db.execute("INSERT OR IGNORE INTO attachments (sha256, mime, width, height, data)"
-                           " VALUES (?, ?, ?, ?, ?)",
-                           (image.sha256, image.mime, image.width, image.height, image.data))
-                db.execute("INSERT INTO message_attachments (message_id, position, sha256, name) VALUES (?, ?, ?, ?)",
-                           (message_id, position, image.sha256, image.name))
+            head = self._head(db, conversation_id)
+            if parent_id is None and use_head:
+                parent_id = head
+            message_id = self._insert(db, conversation_id, parent_id, message, now)
             db.execute("UPDATE conversations SET head_message_id = ?, updated_at = ? WHERE id = ?",
                        (message_id, now, conversation_id))
+        return message_id
+
+    def add_exchange(self, conversation_id: int, user: Message, parent_id: int | None, *,
+                     expected_head: int | None) -> tuple[int, int]:
+        """Store ``user`` after ``parent_id`` and an empty answer after it, marked interrupted until
+        ``finish_answer``; the answer becomes the head. Returns ``(user id, answer id)``.
+
+        Raises ``HeadMoved``, storing nothing, when the head is no longer ``expected_head``: the caller
+        read a history that another front end has extended since.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            if self._head(db, conversation_id) != expected_head:
+                raise HeadMoved(f"conversation {conversation_id} changed while this message was being prepared; "
+                                "send it again")
+            user_id = self._insert(db, conversation_id, parent_id, user, now)
+            answer_id = self._insert(db, conversation_id, user_id, Message(Role.ASSISTANT, "", interrupted=True),
+                                     now)
+            db.execute("UPDATE conversations SET head_message_id = ?, updated_at = ? WHERE id = ?",
+                       (answer_id, now, conversation_id))
+        return user_id, answer_id
+
+    def save_progress(self, message_id: int, text: str) -> bool:
+        """Store a streaming answer's text so far (still marked interrupted); False if the database was busy,
+        which only delays this copy until the next one."""
+        try:
+            with self._transaction() as db:
+                db.execute("UPDATE messages SET text = ? WHERE id = ?", (valid_text(text), message_id))
+        except sqlite3.OperationalError:
+            return False
+        return True
+
+    def finish_answer(self, message_id: int, text: str, *, interrupted: bool) -> None:
+        """Store an answer's final text; ``interrupted`` False unmarks one that ran to its end."""
+        with self._transaction() as db:
+            db.execute("UPDATE messages SET text = ?, interrupted = ? WHERE id = ?",
+                       (valid_text(text), int(interrupted), message_id))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id ="
+                       " (SELECT conversation_id FROM messages WHERE id = ?)", (time.time(), message_id))
+
+    @staticmethod
+    def _head(db: sqlite3.Connection, conversation_id: int) -> int | None:
+        row = db.execute("SELECT head_message_id FROM conversations WHERE id = ?",
+                         (_row_id(conversation_id),)).fetchone()
+        if row is None:
+            raise ConversationNotFound(f"no conversation with id {conversation_id}")
+        return None if row[0] is None else int(row[0])
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, conversation_id: int, parent_id: int | None, message: Message,
+                now: float) -> int:
+        cursor = db.execute(
+            "INSERT INTO messages (conversation_id, parent_id, role, text, author, interrupted, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, parent_id, message.role.value, valid_text(message.text), _text(message.author),
+             int(message.interrupted), now))
+        message_id = int(cursor.lastrowid or 0)
+        for position, image in enumerate(message.images):
+            db.execute("INSERT OR IGNORE INTO attachments (sha256, mime, width, height, data)"
+                       " VALUES (?, ?, ?, ?, ?)",
+                       (image.sha256, image.mime, image.width, image.height, image.data))
+            db.execute("INSERT INTO message_attachments (message_id, position, sha256, name) VALUES (?, ?, ?, ?)",
+                       (message_id, position, image.sha256, image.name))
         return message_id
 
     def thread(self, conversation_id: int, head_message_id: int | None = None) -> list[Message]:
         """The messages from the root to ``head_message_id`` (default: the head), oldest first."""
         head = head_message_id if head_message_id is not None else self.conversation(conversation_id).head_message_id
-        if head is None:
+        if head is None or not -(2 ** 63) <= head < 2 ** 63:
             return []
         with self._lock:
-            rows = self._db.execute(
+            cursor = self._db.cursor()
+            cursor.row_factory = None  # plain tuples: a long thread is read on every turn
+            rows = cursor.execute(
                 """WITH RECURSIVE chain(id, depth) AS (
                        SELECT id, 0 FROM messages WHERE id = ? AND conversation_id = ?
                        UNION ALL
                        SELECT m.parent_id, chain.depth + 1 FROM messages m JOIN chain ON m.id = chain.id
                        WHERE m.parent_id IS NOT NULL)
-                   SELECT m.* FROM chain JOIN messages m ON m.id = chain.id ORDER BY chain.depth DESC""",
-                (head, conversation_id)).fetchall()
-            return [self._message(row) for row in rows]
-
-    def _message(self, row: sqlite3.Row) -> Message:
-        images = tuple(
-            ImageAttachment(data=bytes(a["data"]), mime=a["mime"], width=a["width"], height=a["height"],
-                            name=a["name"], sha256=a["sha256"])
-            for a in self._db.execute(
-                "SELECT ma.name, a.* FROM message_attachments ma JOIN attachments a USING (sha256)"
-                " WHERE ma.message_id = ? ORDER BY ma.position", (row["id"],)))
-        return Message(role=Role(row["role"]), text=row["text"], images=images,
-                       interrupted=bool(row["interrupted"]), author=row["author"], id=row["id"])
+                   SELECT m.id, m.role, m.text, m.author, m.interrupted
+                   FROM chain JOIN messages m ON m.id = chain.id ORDER BY chain.depth DESC""",
+                (head, _row_id(conversation_id))).fetchall()
+            images: dict[int, list[ImageAttachment]] = {}
+            for a in self._db.execute(  # one query for the whole thread, not one per message
+                    "SELECT ma.message_id, ma.name, a.* FROM message_attachments ma JOIN attachments a USING (sha256)"
+                    " WHERE ma.message_id IN (SELECT value FROM json_each(?)) ORDER BY ma.message_id, ma.position",
+                    (json.dumps([row[0] for row in rows]),)):
+                images.setdefault(a["message_id"], []).append(
+                    ImageAttachment(data=bytes(a["data"]), mime=a["mime"], width=a["width"], height=a["height"],
+                                    name=a["name"], sha256=a["sha256"]))
+        return [Message(_ROLES[role], text, tuple(images.get(message_id, ())), bool(interrupted), author, message_id)
+                for message_id, role, text, author, interrupted in rows]
 
     def attachment_count(self) -> int:
         with self._lock:
@@ -267,16 +372,23 @@ class Store:
     # front-end ids and small settings --------------------------------------
 
     def link_external(self, source: str, external_id: str, conversation_id: int,
-                      message_id: int | None = None) -> None:
+                      message_id: int | None = None, *, scope: str | None = None) -> None:
+        """Map a front end's id onto a stored message; ``scope`` says where it was seen (a Discord channel)."""
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO external_ids (source, external_id, conversation_id, message_id)"
-                       " VALUES (?, ?, ?, ?)", (source, external_id, conversation_id, message_id))
+            db.execute("INSERT OR REPLACE INTO external_ids (source, external_id, conversation_id, message_id, scope)"
+                       " VALUES (?, ?, ?, ?, ?)", (source, external_id, conversation_id, message_id, scope))
 
-    def find_external(self, source: str, external_id: str) -> tuple[int, int | None] | None:
-        """``(conversation_id, message_id)`` linked to a front end's id, if any."""
+    def find_external(self, source: str, external_id: str, *,
+                      scope: str | None = None) -> tuple[int, int | None] | None:
+        """``(conversation_id, message_id)`` linked to a front end's id, if any; with ``scope``, only a link made
+        there (or one stored before scopes were recorded)."""
+        query = "SELECT conversation_id, message_id FROM external_ids WHERE source = ? AND external_id = ?"
+        args: tuple[Any, ...] = (source, external_id)
+        if scope is not None:
+            query += " AND (scope IS NULL OR scope = ?)"
+            args = (*args, scope)
         with self._lock:
-            row = self._db.execute("SELECT conversation_id, message_id FROM external_ids"
-                                   " WHERE source = ? AND external_id = ?", (source, external_id)).fetchone()
+            row = self._db.execute(query, args).fetchone()
         return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
 
     def put_value(self, namespace: str, key: str, value: Any) -> None:

@@ -148,3 +148,26 @@ def test_same_text_with_another_image_does_not_reuse_the_first_images_cache(
         answers[name] = "".join(warm.stream(messages, GREEDY))
         assert answers[name] == "".join(cold.stream(messages, GREEDY))
     assert answers["png"] == answers["png again"] and answers["png"] != answers["jpg"]
+
+
+def test_an_image_in_the_history_is_decoded_once_not_on_every_turn(model_dirs: dict[str, Path], tmp_path: Path,
+                                                                   sample_png: Path, sample_jpg: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import assistant.vision
+
+    decodes: list[str] = []
+    real_to_pil = assistant.vision.to_pil
+    monkeypatch.setattr(assistant.vision, "to_pil", lambda image: decodes.append(image.sha256) or real_to_pil(image))
+    backend = _backend(model_dirs["llava"])
+    png, jpg = load_image_path(sample_png), load_image_path(sample_jpg)
+    processor_calls: list[int] = []
+    real_processor = backend.loaded.processor.image_processor.__class__.__call__
+    monkeypatch.setattr(backend.loaded.processor.image_processor.__class__, "__call__",
+                        lambda self, *a, **k: processor_calls.append(1) or real_processor(self, *a, **k))
+    turns = [("what is this?", [png]), ("and this?", [jpg])] + [(f"more {index}", []) for index in range(4)]
+    answers = _converse(backend, Store(tmp_path / "x.db"), turns)
+    assert sorted(decodes) == sorted([png.sha256, jpg.sha256])
+    calls_after_images = len(processor_calls)
+    assert answers == _converse(_backend(model_dirs["llava"], kv_cache_bytes=0, feature_cache_bytes=0,
+                                         decoded_image_bytes=0), Store(tmp_path / "cold.db"), turns)
+    assert calls_after_images <= 4  # per image: its token count and its features, then never again

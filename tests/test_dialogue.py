@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from fakes import FakeBackend
 
+from assistant.config import GenerationOptions
 from assistant.dialogue import DialogueManager, fit_to_context
 from assistant.errors import BadAdapter, BadSetting, ContextTooLong, ImagesNotSupported
 from assistant.messages import Message, Role
@@ -167,3 +168,188 @@ def test_reply_to_an_older_message_branches(manager: DialogueManager, backend: F
     branch = manager.send(cid, "branch", parent_id=first.assistant_message_id)
     branch.run()
     assert [m.text for m in backend.calls[-1]["messages"]] == ["one", "echo: one", "branch"]
+
+
+# progressive answers, several front ends, cost ---------------------------------------------------------------
+
+
+def test_the_answer_is_stored_while_it_streams_and_unmarked_when_it_ends(
+        manager: DialogueManager, backend: FakeBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from assistant.dialogue import Turn
+
+    monkeypatch.setattr(Turn, "SAVE_EVERY_S", 0.0)
+    backend.replies = ["one two three four"]
+    elsewhere = Store(manager.store.path)  # another process's view of the database
+    cid = manager.new_conversation()
+    turn = manager.send(cid, "count")
+    assert elsewhere.thread(cid)[-1] == Message(Role.ASSISTANT, "", interrupted=True, id=turn.assistant_message_id)
+    chunks = iter(turn)
+    next(chunks), next(chunks)
+    assert (elsewhere.thread(cid)[-1].text, elsewhere.thread(cid)[-1].interrupted) == ("one two", True)
+    list(chunks)
+    assert elsewhere.thread(cid)[-1] == Message(Role.ASSISTANT, "one two three four", id=turn.assistant_message_id)
+    elsewhere.close()
+
+
+def test_two_front_ends_writing_one_conversation_keep_every_answer_reachable(tmp_path: Path) -> None:
+    from assistant.export import llava_record
+
+    database = tmp_path / "iris.db"
+    terminal = DialogueManager(FakeBackend(["terminal answer"]), Store(database))
+    discord = DialogueManager(FakeBackend(["discord answer"]), Store(database))
+    cid = terminal.new_conversation(system_prompt="")
+    first = terminal.send(cid, "from the terminal")
+    chunks = iter(first)
+    next(chunks)  # the terminal's answer is streaming when a Discord message arrives
+    second = discord.send(cid, "from discord", author="ana")
+    second.run()
+    list(chunks)
+    expected = [(Role.USER, "from the terminal"), (Role.ASSISTANT, "terminal answer"),
+                (Role.USER, "from discord"), (Role.ASSISTANT, "discord answer")]
+    for manager in (terminal, discord):
+        assert [(m.role, m.text) for m in manager.history(cid)] == expected
+        assert len(llava_record("x", manager.history(cid))["conversations"]) == 4
+    assert [m.text for m in discord.backend.calls[0]["messages"]] == [  # type: ignore[attr-defined]
+        "from the terminal", "terminal", "ana: from discord"]
+    terminal.send(cid, "resumed").run()
+    assert [m.text for m in terminal.backend.calls[-1]["messages"]][:4] == [  # type: ignore[attr-defined]
+        "from the terminal", "terminal answer", "ana: from discord", "discord answer"]
+
+
+def test_a_message_stored_elsewhere_while_preparing_is_included_not_branched_around(tmp_path: Path) -> None:
+    database = tmp_path / "iris.db"
+    other = DialogueManager(FakeBackend(["meanwhile answer"]), Store(database))
+
+    class Interrupted(FakeBackend):
+        """Another front end writes between this manager's reading of the history and its storing."""
+
+        def count_tokens(self, messages):  # type: ignore[no-untyped-def]
+            if not other.history(cid):
+                other.send(cid, "meanwhile").run()
+            return super().count_tokens(messages)
+
+    manager = DialogueManager(Interrupted(["mine"]), Store(database))
+    cid = manager.new_conversation(system_prompt="")
+    manager.send(cid, "my question").run()
+    assert [m.text for m in manager.history(cid)] == ["meanwhile", "meanwhile answer", "my question", "mine"]
+    assert [m.text for m in manager.backend.calls[0]["messages"]] == [  # type: ignore[attr-defined]
+        "meanwhile", "meanwhile answer", "my question"]
+
+
+def test_text_that_is_not_valid_unicode_is_stored_with_replacement_characters(manager: DialogueManager,
+                                                                              backend: FakeBackend) -> None:
+    cid = manager.new_conversation()
+    manager.send(cid, "bad \udcff bytes", author="\ud800x").run()
+    assert manager.history(cid)[0].text == "bad \ufffd bytes" and manager.history(cid)[0].author == "\ufffdx"
+    assert backend.calls[0]["messages"][-1].text == "\ufffdx: bad \ufffd bytes"
+
+
+class CountingBackend(FakeBackend):
+    """Counts how many messages it was asked to count: the work a turn's preparation does."""
+
+    counted = 0
+
+    def count_tokens(self, messages):  # type: ignore[no-untyped-def]
+        self.counted += len(messages)
+        return super().count_tokens(messages)
+
+
+def test_a_turn_on_a_long_history_counts_only_what_it_keeps(store: Store) -> None:
+    backend = CountingBackend(context_length=600)
+    manager = DialogueManager(backend, store, default_options=GenerationOptions(max_new_tokens=50))
+    cid = manager.new_conversation(system_prompt="be brief")
+    for index in range(1000):
+        store.add_message(cid, Message(Role.USER if index % 2 == 0 else Role.ASSISTANT, f"message {index} " * 3))
+    for _ in range(3):
+        backend.counted = 0
+        turn = manager.send(cid, "and now?")
+        turn.run()
+        kept = len(backend.calls[-1]["messages"])
+        assert kept < 100 and backend.counted <= 4 * kept + 10
+        assert turn.prompt_tokens == backend.count_tokens(backend.calls[-1]["messages"]) <= 550
+        assert any("oldest message" in notice for notice in turn.notices)
+
+
+def _reference_fit(messages: list[Message], backend: FakeBackend, budget: int) -> tuple[list[Message], int, list[str]]:
+    """The fitting rule as first written: count everything again after each dropped image or exchange."""
+    kept = list(messages)
+    tokens = backend.count_tokens(kept)
+    notices = []
+    first = 1 if kept and kept[0].role is Role.SYSTEM else 0
+    dropped_images = 0
+    for index in range(first, len(kept) - 1):
+        if tokens <= budget:
+            break
+        if kept[index].images:
+            dropped_images += len(kept[index].images)
+            kept[index] = kept[index].without_images()
+            tokens = backend.count_tokens(kept)
+    if dropped_images:
+        notices.append(f"dropped {dropped_images} older image(s) to fit the context window")
+    dropped = 0
+    while tokens > budget and first < len(kept) - 1:
+        del kept[first]
+        dropped += 1
+        if first < len(kept) - 1 and kept[first].role is Role.ASSISTANT:
+            del kept[first]
+            dropped += 1
+        tokens = backend.count_tokens(kept)
+    if dropped:
+        notices.append(f"dropped {dropped} oldest message(s) to fit the context window")
+    return kept, tokens, notices
+
+
+def _conversations():  # type: ignore[no-untyped-def]
+    from hypothesis import strategies as st
+
+    from assistant.messages import ImageAttachment
+
+    image = ImageAttachment(b"png", "image/png", 1, 1)
+    turn = st.tuples(st.integers(0, 30), st.integers(0, 2), st.integers(0, 30))
+    return st.tuples(st.booleans(), st.lists(turn, max_size=12), st.integers(0, 30), st.integers(0, 2)).map(
+        lambda spec: ([Message(Role.SYSTEM, "s " * 5)] if spec[0] else [])
+        + [m for words, images, answer in spec[1]
+           for m in (Message(Role.USER, "u " * words, (image,) * images), Message(Role.ASSISTANT, "a " * answer))]
+        + [Message(Role.USER, "n " * spec[2], (image,) * spec[3])])
+
+
+def test_fitting_by_per_message_costs_drops_exactly_what_recounting_dropped() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(_conversations(), st.integers(0, 400))
+    def check(messages: list[Message], budget: int) -> None:
+        backend = FakeBackend(image_cost=20)
+        kept, tokens, notices = _reference_fit(messages, backend, budget)
+        if tokens > budget:
+            with pytest.raises(ContextTooLong):
+                fit_to_context(messages, backend, budget)
+            return
+        fitted = fit_to_context(messages, backend, budget)
+        assert (fitted.messages, fitted.tokens, fitted.notices) == (kept, tokens, notices)
+
+    check()
+
+
+def test_fitting_a_chat_template_counts_the_result_exactly() -> None:
+    """With a real tokenizer and template the estimate is checked by one exact count of the fitted prompt."""
+    from tiny_models import tiny_tokenizer
+
+    from assistant.prompt import PromptRenderer
+
+    renderer = PromptRenderer(tiny_tokenizer())
+
+    class TemplateBackend(FakeBackend):
+        def count_tokens(self, messages):  # type: ignore[no-untyped-def]
+            return renderer.count(messages)
+
+    backend = TemplateBackend()
+    history = [Message(Role.SYSTEM, "You are terse.")] + [
+        Message(Role.USER if index % 2 == 0 else Role.ASSISTANT, f"message number {index} " * (1 + index % 4))
+        for index in range(301)]
+    for budget in (120, 300, 1000, 5000):
+        fitted = fit_to_context(history, backend, budget)
+        assert fitted.tokens == renderer.count(fitted.messages) <= budget
+        kept, tokens, _ = _reference_fit(history, backend, budget)  # type: ignore[arg-type]
+        assert (fitted.messages, fitted.tokens) == (kept, tokens)

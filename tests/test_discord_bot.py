@@ -91,15 +91,16 @@ async def test_restarted_bot_continues_a_conversation(tmp_path: Path) -> None:
     second_store = Store(database)
     backend = FakeBackend(["about two million"])
     second = await Harness.start(DialogueManager(backend, second_store))
-    # the old bot message still exists on Discord: put it in the new fake server for the reply to point at
+    # the channel and the old bot message still exist on Discord: put them in the new fake server
     from discord.ext.test import backend as back
-    back._cur_config.messages.setdefault(second.channel().id, []).append(
-        {"id": bot_message, "channel_id": second.channel().id, "content": "the capital is Paris",
+    same_channel = back.make_text_channel(channel.name, second.channel().guild, id_num=channel.id)
+    back._cur_config.messages.setdefault(same_channel.id, []).append(
+        {"id": bot_message, "channel_id": same_channel.id, "content": "the capital is Paris",
          "author": {"id": second.bot.user.id, "username": "FakeApp", "discriminator": "0001", "avatar": None},
          "attachments": [], "embeds": [], "mentions": [], "mention_roles": [], "pinned": False, "tts": False,
          "type": 0, "timestamp": "2024-01-01T00:00:00+00:00", "edited_timestamp": None,
          "mention_everyone": False})
-    await second.say("and its population?", reply_to=bot_message)
+    await second.say("and its population?", reply_to=bot_message, channel=same_channel)
     texts = [m.text for m in backend.calls[0]["messages"]]
     assert texts[:2] == [f"{first.member(0).display_name}: capital of France?", "the capital is Paris"]
     assert len(second_store.list_conversations(source="discord")) == 1

@@ -91,3 +91,60 @@ def test_data_survives_a_reopen(tmp_path: Path) -> None:
     assert reopened.conversation(cid).options == {"temperature": 0.2}
     assert reopened.get_value("discord.channel", "7") == {"system": "pirate"}
     assert reopened.latest_conversation_id() == cid
+
+
+def test_database_and_its_wal_and_shm_are_private_even_when_an_older_one_was_not(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    store = Store(tmp_path / "iris.db")
+    store.add_message(store.create_conversation(), Message(Role.USER, "secret"))
+    files = [tmp_path / name for name in ("iris.db", "iris.db-wal", "iris.db-shm")]
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in files)
+    store.close()
+    os.chmod(files[0], 0o644)  # as versions before this one left it
+    Store(files[0]).close()
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+
+
+def test_an_exchange_is_stored_only_on_the_head_it_was_prepared_for(store: Store) -> None:
+    from assistant.store import HeadMoved
+
+    cid = store.create_conversation()
+    user, answer = store.add_exchange(cid, Message(Role.USER, "q1"), None, expected_head=None)
+    assert store.conversation(cid).head_message_id == answer
+    assert store.thread(cid)[-1] == Message(Role.ASSISTANT, "", interrupted=True, id=answer)
+    with pytest.raises(HeadMoved, match="changed while this message was being prepared"):
+        store.add_exchange(cid, Message(Role.USER, "stale"), user, expected_head=user)
+    assert [m.text for m in store.thread(cid)] == ["q1", ""]
+    assert store.save_progress(answer, "partial")
+    assert store.thread(cid)[-1].interrupted and store.thread(cid)[-1].text == "partial"
+    store.finish_answer(answer, "partial and done", interrupted=False)
+    assert store.thread(cid)[-1] == Message(Role.ASSISTANT, "partial and done", id=answer)
+
+
+def test_links_are_found_only_where_they_were_made_and_old_links_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("BEGIN")
+    for migration in MIGRATIONS[:2]:
+        migration(raw)
+    raw.execute("PRAGMA user_version = 2")
+    raw.execute("INSERT INTO conversations (title, created_at, updated_at) VALUES ('old', 1, 1)")
+    raw.execute("INSERT INTO external_ids (source, external_id, conversation_id) VALUES ('discord', '7', 1)")
+    raw.execute("COMMIT")
+    raw.close()
+    store = Store(path)
+    assert store.find_external("discord", "7", scope="100") == (1, None)  # made before scopes were recorded
+    store.link_external("discord", "8", 1, scope="100")
+    assert store.find_external("discord", "8", scope="100") == (1, None)
+    assert store.find_external("discord", "8", scope="200") is None
+    store.close()
+
+
+@pytest.mark.parametrize("conversation_id", [10 ** 22, -(10 ** 22), 2 ** 63])
+def test_an_id_too_large_for_sqlite_is_simply_not_found(store: Store, conversation_id: int) -> None:
+    for call in (store.conversation, store.thread, store.delete_conversation,
+                 lambda cid: store.add_message(cid, Message(Role.USER, "x"))):
+        with pytest.raises(ConversationNotFound, match=f"no conversation with id {conversation_id}"):
+            call(conversation_id)

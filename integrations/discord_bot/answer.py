@@ -101,6 +101,15 @@ def _generate(turn: Turn, on_chunk: Callable[[str], None], loop: asyncio.Abstrac
     return None
 
 
+def reply_reference(message: discord.Message) -> int | None:
+    """The id of the message this one replies to in its own channel; a forward, or a reference into another
+    channel, is not a reply whose conversation may be continued (or quoted) here."""
+    reference = message.reference
+    if reference is None or reference.message_id is None or reference.type is not discord.MessageReferenceType.default:
+        return None
+    return reference.message_id if reference.channel_id == message.channel.id else None
+
+
 def prompt_text(message: discord.Message, bot_user_id: int) -> str:
     """The message as the model should read it: without the bot's own mention."""
     return re.sub(rf"<@!?{bot_user_id}>", "", message.content).strip()
@@ -212,10 +221,9 @@ class Answerer:
             if not await self.queue.wait(ticket, show_position):
                 display.set(f"{prefix}{job.stop_note or STOPPED}", final=True)
                 return
-            reference = message.reference.message_id if message.reference is not None else None
             target: Target | None = None
             try:
-                target = self.conversations.target(message.channel.id, reference, title=text,
+                target = self.conversations.target(message.channel.id, self.replied_to(message), title=text,
                                                    parent_id=getattr(message.channel, "parent_id", None))
                 send = functools.partial(self.manager.send, target.conversation_id, text, images,
                                          author=message.author.display_name, parent_id=target.parent_id)
@@ -225,10 +233,10 @@ class Answerer:
                 display.set(f"{prefix}⚠️ {refused}", final=True)
                 await display.finished()
                 if target is not None:  # a reply to the warning continues where the user was
-                    self.conversations.link((m.id for m in job.stream.messages), target.conversation_id,
-                                            target.parent_id)
+                    self.conversations.link(job.channel_id, (m.id for m in job.stream.messages),
+                                            target.conversation_id, target.parent_id)
                 return
-        self.conversations.link([message.id], target.conversation_id, turn.user_message_id)
+        self.conversations.link(job.channel_id, [message.id], target.conversation_id, turn.user_message_id)
         job.turn = turn
         if job.stop_note is not None:
             turn.cancel()
@@ -254,7 +262,7 @@ class Answerer:
         body = answer if answer.strip() or ending else "…(empty answer)"
         display.set(prefix + body + (f"\n\n{ending}" if ending else ""), final=True)
         await display.finished()
-        self.conversations.link((m.id for m in job.stream.messages), target.conversation_id,
+        self.conversations.link(job.channel_id, (m.id for m in job.stream.messages), target.conversation_id,
                                 turn.assistant_message_id)
 
     # inputs ----------------------------------------------------------------
@@ -264,7 +272,7 @@ class Answerer:
         attachments = list(message.attachments)
         quoted = ""
         referenced = await self._referenced(message)
-        if referenced is not None and not self.conversations.is_known(referenced.id):
+        if referenced is not None and not self.conversations.is_known(message.channel.id, referenced.id):
             if referenced.content:
                 quoted = f"> {referenced.author.display_name}: {referenced.content}"
             attachments = list(referenced.attachments) + attachments
@@ -284,14 +292,24 @@ class Answerer:
                 images = []
         return quoted, images, warnings
 
-    async def _referenced(self, message: discord.Message) -> discord.Message | None:
-        reference = message.reference
-        if reference is None or reference.message_id is None:
+    def replied_to(self, message: discord.Message) -> int | None:
+        """The id of the message this one replies to in its channel (``reply_reference``), unless the bot saw
+        that message in another channel."""
+        reference_id = reply_reference(message)
+        if reference_id is None or self.conversations.known_elsewhere(message.channel.id, reference_id):
             return None
-        if isinstance(reference.resolved, discord.Message):
-            return reference.resolved
+        return reference_id
+
+    async def _referenced(self, message: discord.Message) -> discord.Message | None:
+        """The message replied to, when it is in the same channel."""
+        reference_id = self.replied_to(message)
+        if reference_id is None:
+            return None
+        resolved = message.reference.resolved if message.reference is not None else None
+        if isinstance(resolved, discord.Message):
+            return resolved if resolved.id == reference_id and resolved.channel.id == message.channel.id else None
         try:
-            return await message.channel.fetch_message(reference.message_id)
+            return await message.channel.fetch_message(reference_id)
         except discord.HTTPException:
             return None
 

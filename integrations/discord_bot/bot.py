@@ -62,7 +62,7 @@ class IrisBot(commands.Bot):
                  len(self.guilds))
 
     def should_answer(self, message: discord.Message) -> bool:
-        """Mentions, DMs, replies to the bot, and every message in a thread the bot started."""
+        """Mentions, DMs, replies to the bot in the same channel, and every message in a thread the bot started."""
         me = self.user
         if me is None or message.author.bot or message.author.id == me.id:
             return False
@@ -72,8 +72,11 @@ class IrisBot(commands.Bot):
             return True
         if any(user.id == me.id for user in message.mentions):
             return True
+        if self.answerer.replied_to(message) is None:
+            return False
         resolved = message.reference.resolved if message.reference is not None else None
-        return isinstance(resolved, discord.Message) and resolved.author.id == me.id
+        return isinstance(resolved, discord.Message) and resolved.author.id == me.id \
+            and resolved.channel.id == message.channel.id
 
     async def on_message(self, message: discord.Message) -> None:
         if not self.should_answer(message):

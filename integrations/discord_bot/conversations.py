@@ -1,9 +1,10 @@
 """Discord places and messages → stored conversations, and each channel's persona.
 
 Every Discord message the bot takes part in (the user's and its own) is linked
-to ``(conversation_id, stored message id)`` in the store, so a reply to any of
-them, even after a restart, continues that conversation from that message
-(branching when it is an old one). A channel, thread or DM also has a *current*
+to ``(conversation_id, stored message id)`` in the store, with the channel it
+was posted in, so a reply to any of them in that channel, even after a restart,
+continues that conversation from that message (branching when it is an old
+one); a reference from another channel never reaches it. A channel, thread or DM also has a *current*
 conversation that plain mentions continue and ``/reset`` replaces; new ones take
 the channel's persona (system prompt, adapter, sampling), set by admins.
 """
@@ -85,19 +86,27 @@ class Conversations:
 
     def target(self, channel_id: int, reply_to: int | None, *, title: str = "",
                parent_id: int | None = None) -> Target:
-        """A reply to a known message continues from it; anything else continues the channel's current one."""
+        """A reply to a message known in this channel continues from it; anything else continues the channel's
+        current conversation."""
         if reply_to is not None:
-            found = self._store.find_external(SOURCE, str(reply_to))
+            found = self._store.find_external(SOURCE, str(reply_to), scope=str(channel_id))
             if found is not None:
                 return Target(*found)
         return Target(self.current_or_start(channel_id, title=title, parent_id=parent_id), None)
 
-    def is_known(self, discord_message_id: int) -> bool:
-        return self._store.find_external(SOURCE, str(discord_message_id)) is not None
+    def is_known(self, channel_id: int, discord_message_id: int) -> bool:
+        return self._store.find_external(SOURCE, str(discord_message_id), scope=str(channel_id)) is not None
 
-    def link(self, discord_message_ids: Iterable[int], conversation_id: int, message_id: int | None) -> None:
+    def known_elsewhere(self, channel_id: int, discord_message_id: int) -> bool:
+        """Whether the message was linked in another channel (a reference to it here claims the wrong channel)."""
+        return self._store.find_external(SOURCE, str(discord_message_id)) is not None \
+            and not self.is_known(channel_id, discord_message_id)
+
+    def link(self, channel_id: int, discord_message_ids: Iterable[int], conversation_id: int,
+             message_id: int | None) -> None:
+        """Link messages posted in ``channel_id`` to a stored message."""
         for discord_id in discord_message_ids:
-            self._store.link_external(SOURCE, str(discord_id), conversation_id, message_id)
+            self._store.link_external(SOURCE, str(discord_id), conversation_id, message_id, scope=str(channel_id))
 
     @staticmethod
     def options_with(persona: Persona, name: str, value: str) -> dict[str, Any]:
