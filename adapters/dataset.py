@@ -12,22 +12,27 @@ Two formats, the ones users already have:
 Images are resolved relative to the data file and validated like chat attachments. The n-th
 ``<image>`` marker takes the n-th image and belongs to the user turn it appears in; markers are
 removed from the text. ``check_dataset`` lists every problem; ``read_dataset`` refuses on the first.
+Files are read as regular files with a byte cap (``assistant.files``): a FIFO or device is a problem
+line, never a hang. Checking holds one image at a time; only reading for training keeps the bytes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from assistant.errors import BadDataset, BadImage
+from assistant.files import UnreadableFile, read_user_text, shown_name
 from assistant.messages import ImageAttachment, Message, Role
 from assistant.vision import load_image_path
 
 IMAGE_MARKER = "<image>"
 DATA_FILE_NAMES = ("dataset.json", "data.jsonl")
+DATA_MAX_BYTES = 1 << 30
 ROLE_NAMES = {"system": Role.SYSTEM, "human": Role.USER, "user": Role.USER, "gpt": Role.ASSISTANT,
               "assistant": Role.ASSISTANT}
 
@@ -50,7 +55,7 @@ class _Problem(Exception):
 
 def read_dataset(path: Path) -> list[Sample]:
     """Every sample of a dataset file or directory; ``BadDataset`` (naming file and line) on a problem."""
-    samples, problems = scan_dataset(path)
+    samples, problems = scan_dataset(path, keep_images=True)
     if problems:
         more = f" (and {len(problems) - 1} more; run `iris data check`)" if len(problems) > 1 else ""
         raise BadDataset(problems[0] + more)
@@ -62,78 +67,101 @@ def check_dataset(path: Path) -> list[str]:
     return scan_dataset(path)[1]
 
 
-def scan_dataset(path: Path) -> tuple[list[Sample], list[str]]:
-    """The good samples and one line per problem, so a single pass serves both check and read."""
+def scan_dataset(path: Path, *, keep_images: bool = False) -> tuple[list[Sample], list[str]]:
+    """The good samples and one line per problem, so a single pass serves both check and read.
+
+    Every image is loaded and validated, but unless ``keep_images`` the samples carry only what identifies
+    and measures it (SHA-256, type, size), so checking a dataset never holds all its images at once.
+    """
     try:
         data_file = _find_data_file(Path(path))
         reader = _jsonl_records if data_file.suffix == ".jsonl" else _json_records
         records = list(reader(data_file))
     except _Problem as problem:
         return [], list(problem.lines)
-    images: dict[Path, ImageAttachment] = {}
+    images: dict[Path, ImageAttachment | BadImage] = {}
     samples: list[Sample] = []
     problems: list[str] = []
     for source, record in records:
         try:
             if isinstance(record, _Problem):
                 raise record
-            samples.append(Sample(_messages(record, data_file.parent, images), source))
+            samples.append(Sample(_messages(record, data_file.parent, images, keep_images), source))
         except _Problem as problem:
             problems.extend(f"{source}: {line}" for line in problem.lines)
     if not records:
-        problems.append(f"{data_file}: no samples")
+        problems.append(f"{shown_name(data_file)}: no samples")
     return samples, problems
 
 
 def _find_data_file(path: Path) -> Path:
-    """The data file itself, or the one in a directory (``dataset.json``, ``data.jsonl``, or the only one)."""
-    if path.is_file():
-        if path.suffix not in (".json", ".jsonl"):
-            raise _Problem(f"{path}: not a .json or .jsonl dataset file")
-        return path
-    if not path.is_dir():
-        raise _Problem(f"{path}: no such file or directory")
-    for name in DATA_FILE_NAMES:
-        if (path / name).is_file():
-            return path / name
-    candidates = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file())
-    if len(candidates) == 1:
-        return candidates[0]
-    found = f"found {', '.join(p.name for p in candidates)}" if candidates else "found none"
-    raise _Problem(f"{path}: needs dataset.json or data.jsonl ({found})")
+    """The data file itself, or the one in a directory (``dataset.json``, ``data.jsonl``, or the only one).
+
+    Anything that is not a directory is taken as the data file: reading it refuses FIFOs and devices.
+    """
+    if path.is_dir():
+        for name in DATA_FILE_NAMES:
+            if os.path.lexists(path / name):
+                return path / name
+        candidates = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and not p.is_dir())
+        if len(candidates) == 1:
+            return candidates[0]
+        found = f"found {', '.join(shown_name(p.name) for p in candidates)}" if candidates else "found none"
+        raise _Problem(f"{shown_name(path)}: needs dataset.json or data.jsonl ({found})")
+    if not os.path.lexists(path):
+        raise _Problem(f"{shown_name(path)}: no such file or directory")
+    if path.suffix not in (".json", ".jsonl"):
+        raise _Problem(f"{shown_name(path)}: not a .json or .jsonl dataset file")
+    return path
 
 
 def _read_text(data_file: Path) -> str:
     try:
-        return data_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise _Problem(f"{data_file}: not UTF-8 text") from None
-    except OSError as exc:
-        raise _Problem(f"{data_file}: cannot read ({exc.strerror or exc})") from None
+        return read_user_text(data_file, max_bytes=DATA_MAX_BYTES, what="dataset file")
+    except UnreadableFile as exc:
+        raise _Problem(str(exc)) from None
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads``, with every way hostile text can make it fail turned into a ``_Problem`` reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise _Problem(f"invalid JSON ({exc})") from None
+    except RecursionError:
+        raise _Problem("invalid JSON (nested too deeply)") from None
 
 
 def _json_records(data_file: Path) -> Iterator[tuple[str, Any]]:
     try:
-        records = json.loads(_read_text(data_file))
+        records = _parse_json(_read_text(data_file))
     except json.JSONDecodeError as exc:
-        raise _Problem(f"{data_file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise _Problem(f"{shown_name(data_file)}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except _Problem as problem:
+        raise _Problem(f"{shown_name(data_file)}: {problem}") from None
     if not isinstance(records, list):
-        raise _Problem(f"{data_file}: expected a JSON list of samples (LLaVA format)")
+        raise _Problem(f"{shown_name(data_file)}: expected a JSON list of samples (LLaVA format)")
     for index, record in enumerate(records):
-        yield f"{data_file}#{index}", record
+        yield f"{shown_name(data_file)}#{index}", record
 
 
 def _jsonl_records(data_file: Path) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(_read_text(data_file).splitlines(), start=1):
+    for number, line in enumerate(_read_text(data_file).split("\n"), start=1):  # only \n ends a JSONL line
         if not line.strip():
             continue
+        source = f"{shown_name(data_file)}:{number}"
         try:
-            yield f"{data_file}:{number}", json.loads(line)
+            yield source, _parse_json(line)
         except json.JSONDecodeError as exc:
-            yield f"{data_file}:{number}", _Problem(f"invalid JSON ({exc.msg} at column {exc.colno})")
+            yield source, _Problem(f"invalid JSON ({exc.msg} at column {exc.colno})")
+        except _Problem as problem:
+            yield source, problem
 
 
-def _messages(record: Any, base: Path, cache: dict[Path, ImageAttachment]) -> tuple[Message, ...]:
+def _messages(record: Any, base: Path, cache: dict[Path, ImageAttachment | BadImage],
+              keep_images: bool) -> tuple[Message, ...]:
     """The record's messages; raises ``_Problem`` listing everything wrong with it."""
     if not isinstance(record, dict):
         raise _Problem("expected a JSON object")
@@ -169,7 +197,7 @@ def _messages(record: Any, base: Path, cache: dict[Path, ImageAttachment]) -> tu
     images = []
     for name in names:
         try:
-            images.append(_image(base / name, cache))
+            images.append(_image(base / name, cache, keep_images))
         except BadImage as exc:
             issues.append(str(exc))
     if issues:
@@ -200,8 +228,17 @@ def _text(content: Any, text_key: str) -> str:
     raise _Problem(f'{text_key!r} must be a string or a list of {{"type": "text" | "image"}} parts')
 
 
-def _image(path: Path, cache: dict[Path, ImageAttachment]) -> ImageAttachment:
-    """Load once per file: datasets often reuse an image across many conversations."""
+def _image(path: Path, cache: dict[Path, ImageAttachment | BadImage], keep_bytes: bool) -> ImageAttachment:
+    """Load once per file (datasets often reuse an image across many conversations); without ``keep_bytes``
+    only the attachment's identity and size are kept."""
     if path not in cache:
-        cache[path] = load_image_path(path)
-    return cache[path]
+        try:
+            image = load_image_path(path)
+            cache[path] = image if keep_bytes else ImageAttachment(b"", image.mime, image.width, image.height,
+                                                                   image.name, image.sha256)
+        except BadImage as exc:
+            cache[path] = exc
+    found = cache[path]
+    if isinstance(found, BadImage):
+        raise found
+    return found

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from adapters.manifest import write_manifest
-from assistant.adapter_files import PROJECTOR_FILE, read_manifest
+from assistant.adapter_files import CONFIG_FILE, PROJECTOR_FILE, read_adapter_config, read_manifest
 from assistant.builders.default_model import with_default_model
 from assistant.config import ModelOptions, Paths
-from assistant.errors import BadAdapter, BadSetting
+from assistant.errors import BadAdapter, BadSetting, one_line
 from assistant.messages import ImageAttachment, Message, Role
 from assistant.model import LoadedModel, attach_adapter, load
 from assistant.prompt import PromptRenderer
@@ -39,10 +39,12 @@ def adapter_base(adapter_dir: Path, model: str | None) -> str | None:
         return model
     manifest = read_manifest(adapter_dir)
     if manifest is not None:
-        return manifest.get("base_model_path")  # None: trained on the embedded default model
-    config_file = adapter_dir / "adapter_config.json"
-    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path") \
-        if config_file.is_file() else None
+        base_path = manifest.get("base_model_path")  # None: trained on the embedded default model
+        if base_path is not None and not isinstance(base_path, str):
+            raise BadAdapter(f"{adapter_dir}: corrupt iris_manifest.json (base_model_path is not text)")
+        return base_path
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path") \
+        if (adapter_dir / CONFIG_FILE).is_file() else None
     if not base:
         raise BadSetting(f"{adapter_dir}: no manifest names its base model; pass --model")
     return str(base)
@@ -75,11 +77,14 @@ def merged(adapter_dir: Path, *, model: str | None = None, quant: str = "none", 
 def save_model(loaded: LoadedModel, out: Path) -> Path:
     """``save_pretrained`` the model and its processor/tokenizer into a new directory."""
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BadSetting(f"{out}: already exists; choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(out)
-    (loaded.processor or loaded.tokenizer).save_pretrained(out)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise BadSetting(f"{out}: already exists; choose a new --out")
+        out.mkdir(parents=True, exist_ok=True)
+        loaded.model.save_pretrained(out)
+        (loaded.processor or loaded.tokenizer).save_pretrained(out)
+    except OSError as exc:  # a read-only place, /proc or /sys, a full disk
+        raise BadSetting(f"{out}: cannot write the model there ({exc.strerror or one_line(exc)})") from None
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from assistant.errors import BadDataset
+from assistant.errors import BadDataset, one_line
 
 IMAGE_SIZE = 112
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (240, 210, 30),
@@ -78,6 +78,13 @@ def synthesize(out_dir: Path, n: int, seed: int) -> Path:
     if n < 1:
         raise BadDataset(f"--n must be at least 1, got {n}")
     out_dir = Path(out_dir)
+    try:
+        return _write(out_dir, n, seed)
+    except OSError as exc:  # a read-only place, /proc or /sys, a full disk
+        raise BadDataset(f"{out_dir}: cannot write the dataset there ({exc.strerror or one_line(exc)})") from None
+
+
+def _write(out_dir: Path, n: int, seed: int) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BadDataset(f"{out_dir}: already exists and is not empty; choose a new --out")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from assistant.adapter_files import check_adapter_dir, check_adapter_weights, lo
 from assistant.architecture import Architecture, describe
 from assistant.config import ModelOptions, Paths
 from assistant.errors import AdapterMismatch, BadAdapter, BadSetting, ModelNotFound, one_line
+from assistant.files import build_once
 from assistant.messages import BASE_MODEL
 
 Progress = Callable[[str], None]
@@ -59,43 +60,73 @@ def _quiet(message: str) -> None:
 
 
 def resolve_device(requested: str = "auto") -> str:
+    """The device to load on: ``auto`` picks CUDA, then MPS, then CPU; a named one must exist here."""
     import torch
 
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if _mps_available():
+            return "mps"
+        return "cpu"
+    kind, _, index = requested.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise BadSetting(f"device {requested}: CUDA is not available on this machine (use cpu or auto)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise BadSetting(f"device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    elif kind == "mps":
+        if not _mps_available():
+            raise BadSetting(f"device {requested}: MPS (Apple GPU) is not available on this machine (use cpu or auto)")
+    elif requested != "cpu":
+        raise BadSetting(f"device {requested!r}: must be auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return getattr(torch.backends, "mps", None) is not None and bool(torch.backends.mps.is_available())
+
+
+def _is_cuda(device: str) -> bool:
+    return device.partition(":")[0] == "cuda"
+
+
+# What transformers' GGUF reader raises for a file cut short or garbled (struct.error: cut inside the header).
+GGUF_READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, IndexError, TypeError, EOFError, OverflowError,
+                    struct.error)
 
 
 def cached_hf_copy(gguf: Path, paths: Paths, progress: Progress = _quiet) -> Path:
-    """Dequantize a GGUF once into an HF directory under the cache; later loads skip the conversion."""
+    """Dequantize a GGUF once into an HF directory under the cache; later loads skip the conversion.
+
+    Several processes may start on a cold cache at once: the copy is built under a lock, by one of them.
+    """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = paths.cache / "models" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress(f"converting {gguf.name} to a cached HF copy (once)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelNotFound(f"{gguf}: cannot read this GGUF file ({one_line(exc)})") from None
-    # The weights are plain dequantized tensors now; transformers refuses to save
-    # while the GGUF quantizer marker is still attached.
-    model.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(target)
-    return target
+    def convert(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        progress(f"converting {gguf.name} to a cached HF copy (once)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except GGUF_READ_ERRORS as exc:
+            raise ModelNotFound(f"{gguf}: cannot read this GGUF file ({one_line(exc)})") from None
+        # The weights are plain dequantized tensors now; transformers refuses to save
+        # while the GGUF quantizer marker is still attached.
+        model.hf_quantizer = None  # type: ignore[assignment]
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return build_once(target, convert,
+                      wait=lambda: progress(f"waiting for another Iris process to convert {gguf.name}"))
 
 
 def context_length_of(config: Any) -> int:
@@ -127,7 +158,7 @@ def quantization_config(quant: str, device: str, architecture: Architecture) -> 
 
     skip = architecture.full_precision_modules()
     if quant == "4bit":
-        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        compute = torch.bfloat16 if _is_cuda(device) else torch.float32
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
     if quant == "8bit":
@@ -144,7 +175,7 @@ def resolve_source(options: ModelOptions, paths: Paths, progress: Progress = _qu
     path = Path(options.model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelNotFound(f"{path}: no such GGUF file")
+            raise ModelNotFound(f"{path}: {'not a regular file' if path.exists() else 'no such GGUF file'}")
         return str(cached_hf_copy(path, paths, progress)), path.name
     if path.exists():
         if not (path / "config.json").is_file():
@@ -197,19 +228,20 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     import torch
 
     paths = paths or Paths.default()
+    device = resolve_device(options.device)  # first: a missing device fails before any conversion
     source, name = resolve_source(options, paths, progress)
-    device = resolve_device(options.device)
-    quant = options.quant if options.quant != "auto" else ("4bit" if device == "cuda" else "none")
+    cuda = _is_cuda(device)
+    quant = options.quant if options.quant != "auto" else ("4bit" if cuda else "none")
     if quant == "int8" and device != "cpu":
         raise BadSetting("--quant int8 is the CPU path; on a GPU use 4bit or 8bit")
     progress(f"loading {name} on {device} ({quant})")
     config = read_config(source, name)
     architecture = describe(config)
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if device == "cuda" else torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
     bnb = quantization_config(quant, device, architecture)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+        kwargs["device_map"] = {"": int(device.partition(":")[2] or 0) if cuda else device}
     model, tokenizer, processor = from_pretrained(source, name, architecture, **kwargs)
     if bnb is None:
         model.to(device)  # type: ignore[arg-type]
@@ -242,9 +274,9 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
     path = Path(path_text).expanduser()
     if loaded.quant == "int8":
         raise BadAdapter("with --quant int8, adapters attach at load time: pass them with --adapter")
-    check_adapter_dir(path, loaded.fingerprint, trust_pickle=trust_pickle)
+    config = check_adapter_dir(path, loaded.fingerprint, trust_pickle=trust_pickle)
     name = name or path.name
-    if not (path / "adapter_config.json").is_file():  # passed the check, so a projector-only directory
+    if not config:  # a projector-only directory
         load_projector(loaded.model, loaded.architecture.projector, path)
         loaded.name = f"{loaded.name} + projector {name}"
         return name

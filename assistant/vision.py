@@ -1,8 +1,10 @@
-"""Turn a path or raw bytes into a validated ``ImageAttachment``.
+"""Turn a path or raw bytes into a validated ``ImageAttachment``, and an attachment into upright pixels.
 
-The format is sniffed from the bytes (never the file name), the byte size and
-pixel count are capped before decoding (decompression-bomb guard), and the
-whole image is decoded once so truncated files fail here, not in the model.
+A path is read as a regular file with a hard byte cap (``assistant.files``), the format is sniffed
+from the bytes (never the file name), the pixel count is capped before decoding (decompression-bomb
+guard), and the whole image is decoded once so truncated files fail here, not in the model. A photo's
+EXIF orientation is applied when it is decoded for a model, so a rotated JPEG reaches it upright; the
+attachment keeps the original bytes (and their SHA-256 as its identity) and reports upright dimensions.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
-from assistant.errors import BadImage
+from assistant.errors import BadImage, one_line
+from assistant.files import describe_size, read_user_file, shown_name
 from assistant.messages import ImageAttachment
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter: width and height swap
 SUPPORTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp",
                      "BMP": "image/bmp", "TIFF": "image/tiff"}
 
@@ -37,27 +43,30 @@ def load_image_bytes(data: bytes, name: str = "image", *, max_bytes: int = DEFAU
     """Validate image bytes; raises ``BadImage`` with a one-line reason naming ``name``."""
     from PIL import Image, UnidentifiedImageError
 
+    shown = shown_name(name)
     if len(data) > max_bytes:
-        raise BadImage(f"{name}: {len(data) / 1e6:.1f} MB is over the {max_bytes / 1e6:.0f} MB image limit")
+        raise BadImage(f"{shown}: {describe_size(len(data))} is over the {describe_size(max_bytes)} image limit")
     if not data:
-        raise BadImage(f"{name}: the file is empty")
+        raise BadImage(f"{shown}: the file is empty")
     kind = sniff_format(data)
     if kind is None:
         if data[:5] in (b"%PDF-",) or data.lstrip()[:1] in (b"{", b"<") or _looks_like_text(data):
-            raise BadImage(f"{name}: not an image")
-        raise BadImage(f"{name}: unsupported image format (use PNG, JPEG, GIF, WebP, BMP or TIFF)")
+            raise BadImage(f"{shown}: not an image")
+        raise BadImage(f"{shown}: unsupported image format (use PNG, JPEG, GIF, WebP, BMP or TIFF)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise BadImage(f"{name}: {width}x{height} is over the {max_pixels:,} pixel limit")
+                raise BadImage(f"{shown}: {width}x{height} is over the {max_pixels:,} pixel limit")
             image.load()
+            if _orientation(image) in TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
     except BadImage:
         raise
     except Image.DecompressionBombError:
-        raise BadImage(f"{name}: image is too large to decode safely") from None
+        raise BadImage(f"{shown}: image is too large to decode safely") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"{name}: corrupt or truncated {kind} image ({exc})") from None
+        raise BadImage(f"{shown}: corrupt or truncated {kind} image ({one_line(exc)})") from None
     return ImageAttachment(data=data, mime=SUPPORTED_FORMATS[kind], width=width, height=height, name=name)
 
 
@@ -66,29 +75,31 @@ def _looks_like_text(data: bytes) -> bool:
     return all(b in b"\t\n\r" or 32 <= b < 127 or b >= 128 for b in sample)
 
 
+def _orientation(image: Any) -> int | None:
+    """The EXIF orientation tag, or None when absent or unreadable (a corrupt EXIF block is not a corrupt image)."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 def load_image_path(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageAttachment:
-    """Read and validate an image file; every failure is a ``BadImage`` naming the path."""
+    """Read and validate an image file; every failure (a FIFO or device too) is a ``BadImage`` naming the path."""
     path = Path(os.path.expanduser(str(path)))
-    if not path.exists():
-        raise BadImage(f"{path}: no such file")
-    if path.is_dir():
-        raise BadImage(f"{path}: is a directory, not an image")
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise BadImage(f"{path}: {size / 1e6:.1f} MB is over the {max_bytes / 1e6:.0f} MB image limit")
-        data = path.read_bytes()
-    except PermissionError:
-        raise BadImage(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise BadImage(f"{path}: cannot read ({exc.strerror or exc})") from None
+    data = read_user_file(path, max_bytes=max_bytes, what="image", error=BadImage)
     return load_image_bytes(data, str(path), max_bytes=max_bytes, max_pixels=max_pixels)
 
 
 def to_pil(image: ImageAttachment):  # type: ignore[no-untyped-def]
-    """Decode an attachment to an RGB PIL image for a processor."""
-    from PIL import Image
+    """Decode an attachment to an upright RGB PIL image for a processor (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(image.data)) as decoded:
-        return decoded.convert("RGB")
+        if _orientation(decoded) in (None, 1):
+            return decoded.convert("RGB")
+        try:
+            return ImageOps.exif_transpose(decoded).convert("RGB")
+        except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+            return decoded.convert("RGB")

