@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from assistant.errors import BadSetting
+from assistant.files import read_user_text
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
+MAX_STATE_BYTES = 64 << 20  # settings, RNG states and step: far below this
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -52,13 +54,27 @@ def save_state(directory: Path, *, step: int, settings: dict[str, Any], trainabl
     accelerator.wait_for_everyone()
 
 
+def read_state(directory: Path) -> dict[str, Any]:
+    """A checkpoint's state record; a corrupt or foreign one is a one-line ``BadSetting``."""
+    text = read_user_text(directory / STATE_FILE, max_bytes=MAX_STATE_BYTES, what="checkpoint state",
+                          error=BadSetting)
+    try:
+        state = json.loads(text)
+    except (ValueError, RecursionError):
+        raise BadSetting(f"{directory.name}: corrupt {STATE_FILE}; train again without --resume") from None
+    fields = {"settings": dict, "world_size": int}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), kind) for k, kind in fields.items()):
+        raise BadSetting(f"{directory.name}: corrupt {STATE_FILE}; train again without --resume")
+    return state
+
+
 def load_state(directory: Path, *, settings: dict[str, Any], trainable: dict[str, Any], optimizer: Any,
                scheduler: Any, accelerator: Any) -> int:
     """Restore weights, optimizer, scheduler and RNG from ``directory``; returns the step it was saved at."""
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+    state = read_state(directory)
     changed = sorted(key for key in set(settings) | set(state["settings"])
                      if settings.get(key) != state["settings"].get(key))
     if changed:

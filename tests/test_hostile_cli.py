@@ -133,7 +133,7 @@ CLI_CASES = [
     pytest.param(["adapters", "info", "[/x]"], "error: [/x]: no such adapter", 1, None, id="markup-in-adapter-name"),
     pytest.param(["ask", "hi", "--image", "[/x].png"], "error: [/x].png: no such file", 1, None,
                  id="markup-in-image-path"),
-    pytest.param(["ask", "hi", "--image", "\x1b]0;pwned\x07.png"], "error: ^[]0;pwned^G.png: no such file", 1,
+    pytest.param(["ask", "hi", "--image", "\x1b]0;pwned\x07.png"], "error: '\\x1b]0;pwned\\x07.png': no such file", 1,
                  None, id="escape-in-image-path"),
     pytest.param(["chat", "--resume", "9" * 23], f"error: no conversation with id {'9' * 23}", 1, None,
                  id="resume-id-beyond-sqlite"),

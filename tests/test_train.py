@@ -159,7 +159,11 @@ def test_bad_settings_and_data_are_one_line_errors(tiny: dict[str, Path], tmp_pa
     used = tmp_path / "used"
     used.mkdir()
     (used / "x").write_text("x")
-    cases = [({"stage": "full"}, BadSetting, "--stage"), ({"steps": 2, "epochs": 1.0}, BadSetting, "not both"),
+    corrupt = tmp_path / "corrupt"
+    (corrupt / "checkpoints" / "step-000001").mkdir(parents=True)
+    (corrupt / "checkpoints" / "step-000001" / "state.json").write_text('{"settings": [')
+    cases = [({"out": corrupt, "resume": True}, BadSetting, "corrupt state.json"),
+             ({"stage": "full"}, BadSetting, "--stage"), ({"steps": 2, "epochs": 1.0}, BadSetting, "not both"),
              ({"out": used}, BadSetting, "already exists"), ({"resume": True}, BadSetting, "no checkpoint"),
              ({"data": tmp_path / "missing.json"}, BadDataset, "no such file"),
              ({"eval_split": 0.99}, BadDataset, "no training samples"),
