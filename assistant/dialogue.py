@@ -6,6 +6,15 @@ images first, then oldest turns; never the system prompt or the newest message)
 text, saving the answer as it grows (at most every ``Turn.SAVE_EVERY_S``) → store
 the whole answer, marked interrupted when it was cut short.
 
+Branches: ``retry`` answers the last user message again and ``edit`` sends a new
+version of it; either leaves the old messages on their own branch of the stored
+tree and makes the new one current (``branches``, ``switch_branch`` move between
+them).
+
+Adapters can be attached to the running model and detached again
+(``load_adapter``, ``unload_adapter``); a conversation that had chosen one that is
+detached falls back to the backend's active adapter.
+
 Fitting costs O(history) once per turn: each message's token cost is measured
 once (``PromptCosts``), exchanges are dropped arithmetically, and only the fitted
 prompt is counted exactly.
@@ -16,14 +25,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from assistant.config import GenerationOptions
-from assistant.errors import BadAdapter, ContextTooLong, ImagesNotSupported
+from assistant.errors import BadAdapter, ContextTooLong, ImagesNotSupported, IrisError
 from assistant.messages import BASE_MODEL, ImageAttachment, Message, Role, valid_text
-from assistant.store import ConversationRecord, HeadMoved, Store
+from assistant.store import ConversationRecord, Fork, HeadMoved, Store
 
 
 class ChatBackend(Protocol):
@@ -42,6 +51,19 @@ class ChatBackend(Protocol):
                adapter: str | None = None) -> Iterator[str]: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def load_adapter(self, path: str, name: str | None = None) -> str:
+        """Attach the PEFT adapter at ``path`` as ``name`` (default: from the directory); returns the name.
+        Checked like one given at start; ``BadAdapter`` leaves the model as it was."""
+        ...
+
+    def unload_adapter(self, name: str) -> None:
+        """Detach a loaded adapter; ``BadAdapter`` if there is none by that name."""
+        ...
+
+
+class NoBranch(IrisError):
+    """A retry, edit or branch switch that the conversation has nothing for (no message yet, no such branch)."""
 
 
 @dataclass
@@ -341,8 +363,10 @@ class DialogueManager:
         """The messages as the model sees them: system prompt first, speakers labelled."""
         return self._prompt_history(self.conversation(conversation_id), head_message_id)
 
-    def _prompt_history(self, record: ConversationRecord, head_message_id: int | None) -> list[Message]:
-        head = head_message_id if head_message_id is not None else record.head_message_id
+    def _prompt_history(self, record: ConversationRecord, head_message_id: int | None, *,
+                        root: bool = False) -> list[Message]:
+        """System prompt and the thread to ``head_message_id`` (default: the head; with ``root``, no message)."""
+        head = None if root else head_message_id if head_message_id is not None else record.head_message_id
         messages = self.history(record.id, head) if head is not None else []
         if record.system_prompt:
             messages.insert(0, Message(Role.SYSTEM, record.system_prompt))
@@ -353,7 +377,8 @@ class DialogueManager:
 
     def send(self, conversation_id: int, text: str, images: Sequence[ImageAttachment] = (), *,
              author: str | None = None, parent_id: int | None = None) -> Turn:
-        """Store the user's message and return the ``Turn`` that will answer it.
+        """Store the user's message (after ``parent_id``, default the head) and return the ``Turn`` that will
+        answer it.
 
         Errors (images to a text model, a message that cannot fit) are raised
         before anything is stored, so the conversation stays as it was. If another
@@ -363,17 +388,87 @@ class DialogueManager:
         self.check_images(images)
         author = None if author is None else valid_text(author)
         user = Message(Role.USER, valid_text(text), tuple(images), author=author)
+        return self._start(conversation_id, lambda record: (
+            user, parent_id if parent_id is not None else record.head_message_id))
+
+    def retry(self, conversation_id: int, *, answer_id: int | None = None) -> Turn:
+        """Answer the current thread's last user message again. The new answer is a sibling of the earlier
+        one(s), which stay on their branch, and becomes the head; the conversation's current options and
+        adapter apply, so ``/set temperature`` before a retry changes it. With ``answer_id``, only while that
+        answer is still the head (a retry asked for on one answer never regenerates a later one)."""
+
+        def question(record: ConversationRecord) -> tuple[None, int]:
+            if answer_id is not None and record.head_message_id != answer_id:
+                raise NoBranch("that answer is no longer the last one in its conversation")
+            thread = self.history(record.id, record.head_message_id) if record.head_message_id is not None else []
+            asked = [m for m in thread if m.role is Role.USER]
+            if not asked:
+                raise NoBranch("nothing to answer again yet: send a message first")
+            return None, int(asked[-1].id or 0)
+
+        return self._start(conversation_id, question)
+
+    def edit(self, conversation_id: int, text: str) -> Turn:
+        """Send ``text`` in place of the current thread's last user message (keeping its images and author) and
+        answer it. The new message is a sibling of the old one, which stays on its branch with its answers."""
+        text = valid_text(text)
+
+        def replacement(record: ConversationRecord) -> tuple[Message, int | None]:
+            thread = self.history(record.id, record.head_message_id) if record.head_message_id is not None else []
+            last = max((index for index, m in enumerate(thread) if m.role is Role.USER), default=None)
+            if last is None:
+                raise NoBranch("nothing to edit yet: send a message first")
+            old = thread[last]
+            return Message(Role.USER, text, old.images, author=old.author), thread[last - 1].id if last else None
+
+        return self._start(conversation_id, replacement)
+
+    def branches(self, conversation_id: int) -> list[Fork]:
+        """Where the current thread branches, oldest first (``Store.forks``)."""
+        self.conversation(conversation_id)
+        return self._store.forks(conversation_id)
+
+    def switch_branch(self, conversation_id: int, message_id: int) -> list[Message]:
+        """Make the branch through stored message ``message_id`` current (the head moves to its newest message);
+        returns the new thread."""
+        head = self._store.switch_branch(conversation_id, message_id)
+        return self.history(conversation_id, head)
+
+    # adapters --------------------------------------------------------------
+
+    def load_adapter(self, path: str, name: str | None = None) -> str:
+        """Attach a PEFT adapter to the running model for every conversation to choose; returns its name. The
+        backend checks it like one given at start and leaves the model untouched when it refuses."""
+        return self.backend.load_adapter(path, name)
+
+    def unload_adapter(self, name: str) -> int:
+        """Detach adapter ``name``. Conversations that had chosen it fall back to the backend's active adapter
+        (as if they had never chosen one), so none is left naming an adapter that is gone; returns how many."""
+        self.backend.unload_adapter(name)
+        return self._store.clear_adapter(name)
+
+    def _start(self, conversation_id: int,
+               prepare: Callable[[ConversationRecord], tuple[Message | None, int | None]]) -> Turn:
+        """Store a new user message (or, when ``prepare`` gives None, only a new answer) after the parent that
+        ``prepare`` picks from the conversation as it is now, and return the Turn answering it. When another
+        front end moves the head meanwhile, ``prepare`` runs again on the longer history."""
         attempts = 0
         while True:
             record = self.conversation(conversation_id)
+            user, parent = prepare(record)
             options = GenerationOptions.from_dict(record.options)
             budget = self.backend.context_length - options.max_new_tokens
-            base_head = parent_id if parent_id is not None else record.head_message_id
-            history = self._prompt_history(record, base_head)
-            fitted = fit_to_context([*history, *speaker_labelled([user])], self.backend, budget, self._costs)
+            history = self._prompt_history(record, parent, root=parent is None)
+            prompt = [*history, *speaker_labelled([user])] if user is not None else history
+            fitted = fit_to_context(prompt, self.backend, budget, self._costs)
             try:
-                user_id, answer_id = self._store.add_exchange(conversation_id, user, base_head,
-                                                              expected_head=record.head_message_id)
+                if user is None:
+                    assert parent is not None
+                    user_id = parent
+                    answer_id = self._store.add_answer(conversation_id, parent, expected_head=record.head_message_id)
+                else:
+                    user_id, answer_id = self._store.add_exchange(conversation_id, user, parent,
+                                                                  expected_head=record.head_message_id)
             except HeadMoved:
                 attempts += 1
                 if attempts == self.SEND_ATTEMPTS:

@@ -11,6 +11,11 @@ message and an empty answer after it in one transaction, and that answer becomes
 the head, so a message sent meanwhile from elsewhere follows it: every answer stays
 on the head's thread. The answer's text is then updated while it streams (marked
 interrupted until it finishes), so a killed process keeps what had been shown.
+
+Messages form a tree: a retried answer or an edited question is a sibling of the
+one it replaces, which stays on its own branch. The conversation's head says which
+branch is current; switching branches moves the head to the newest message under
+the chosen sibling, so ``thread`` (and so the prompt and every export) follows it.
 """
 
 from __future__ import annotations
@@ -106,7 +111,13 @@ def _m003_external_scope(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE external_ids ADD COLUMN scope TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_external_ids, _m003_external_scope]
+def _m004_parent_index(db: sqlite3.Connection) -> None:
+    """Branches: a message's children (its retried answers, edited questions) are found by parent."""
+    db.execute("CREATE INDEX messages_by_parent ON messages(parent_id)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_external_ids, _m003_external_scope,
+                                                          _m004_parent_index]
 
 PRIVATE_MODE = 0o600
 _ROLES = {role.value: role for role in Role}
@@ -138,6 +149,24 @@ def _make_private(path: Path) -> None:
                 os.chmod(name, PRIVATE_MODE)
         except OSError:  # someone else's file: SQLite will say whether it can be used
             pass
+
+
+@dataclass(frozen=True)
+class Fork:
+    """A place on a conversation's current thread where it branches.
+
+    ``alternatives`` are the messages sharing one parent, oldest first (each with its images); the one on the
+    current thread is ``alternatives[current]``, at ``position`` in the thread (0: its first message).
+    """
+
+    position: int
+    alternatives: tuple[Message, ...]
+    current: int
+
+    @property
+    def message_id(self) -> int:
+        """The stored id of the alternative on the current thread."""
+        return int(self.alternatives[self.current].id or 0)
 
 
 @dataclass(frozen=True)
@@ -294,6 +323,21 @@ class Store:
                        (answer_id, now, conversation_id))
         return user_id, answer_id
 
+    def add_answer(self, conversation_id: int, user_message_id: int, *, expected_head: int | None) -> int:
+        """Store another empty answer to ``user_message_id`` (a sibling of its earlier answers, which stay),
+        marked interrupted until ``finish_answer``; it becomes the head. ``HeadMoved`` as in ``add_exchange``."""
+        now = time.time()
+        with self._transaction() as db:
+            if self._head(db, conversation_id) != expected_head:
+                raise HeadMoved(f"conversation {conversation_id} changed while this answer was being prepared; "
+                                "try again")
+            self._owned(db, conversation_id, user_message_id)
+            answer_id = self._insert(db, conversation_id, user_message_id,
+                                     Message(Role.ASSISTANT, "", interrupted=True), now)
+            db.execute("UPDATE conversations SET head_message_id = ?, updated_at = ? WHERE id = ?",
+                       (answer_id, now, conversation_id))
+        return answer_id
+
     def save_progress(self, message_id: int, text: str) -> bool:
         """Store a streaming answer's text so far (still marked interrupted); False if the database was busy,
         which only delays this copy until the next one."""
@@ -319,6 +363,13 @@ class Store:
         if row is None:
             raise ConversationNotFound(f"no conversation with id {conversation_id}")
         return None if row[0] is None else int(row[0])
+
+    @staticmethod
+    def _owned(db: sqlite3.Connection, conversation_id: int, message_id: int) -> None:
+        if not -(2 ** 63) <= message_id < 2 ** 63 or db.execute(
+                "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
+                (message_id, conversation_id)).fetchone() is None:
+            raise ConversationNotFound(f"no message {message_id} in conversation {conversation_id}")
 
     @staticmethod
     def _insert(db: sqlite3.Connection, conversation_id: int, parent_id: int | None, message: Message,
@@ -354,16 +405,70 @@ class Store:
                    SELECT m.id, m.role, m.text, m.author, m.interrupted
                    FROM chain JOIN messages m ON m.id = chain.id ORDER BY chain.depth DESC""",
                 (head, _row_id(conversation_id))).fetchall()
-            images: dict[int, list[ImageAttachment]] = {}
-            for a in self._db.execute(  # one query for the whole thread, not one per message
-                    "SELECT ma.message_id, ma.name, a.* FROM message_attachments ma JOIN attachments a USING (sha256)"
-                    " WHERE ma.message_id IN (SELECT value FROM json_each(?)) ORDER BY ma.message_id, ma.position",
-                    (json.dumps([row[0] for row in rows]),)):
-                images.setdefault(a["message_id"], []).append(
-                    ImageAttachment(data=bytes(a["data"]), mime=a["mime"], width=a["width"], height=a["height"],
-                                    name=a["name"], sha256=a["sha256"]))
+            images = self._images([row[0] for row in rows])
         return [Message(_ROLES[role], text, tuple(images.get(message_id, ())), bool(interrupted), author, message_id)
                 for message_id, role, text, author, interrupted in rows]
+
+    def _images(self, message_ids: list[int]) -> dict[int, list[ImageAttachment]]:
+        """The images of several messages in one query, not one per message (caller holds the lock)."""
+        images: dict[int, list[ImageAttachment]] = {}
+        for a in self._db.execute(
+                "SELECT ma.message_id, ma.name, a.* FROM message_attachments ma JOIN attachments a USING (sha256)"
+                " WHERE ma.message_id IN (SELECT value FROM json_each(?)) ORDER BY ma.message_id, ma.position",
+                (json.dumps(message_ids),)):
+            images.setdefault(a["message_id"], []).append(
+                ImageAttachment(data=bytes(a["data"]), mime=a["mime"], width=a["width"], height=a["height"],
+                                name=a["name"], sha256=a["sha256"]))
+        return images
+
+    # branches ------------------------------------------------------------
+
+    def forks(self, conversation_id: int, head_message_id: int | None = None) -> list[Fork]:
+        """Where the thread to ``head_message_id`` (default: the head) branches, oldest first: every message on it
+        that has siblings, with them."""
+        thread = self.thread(conversation_id, head_message_id)
+        if not thread:
+            return []
+        parents = [None, *(m.id for m in thread[:-1])]
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.row_factory = None
+            rows = cursor.execute(
+                "SELECT id, parent_id, role, text, author, interrupted FROM messages WHERE conversation_id = ?"
+                " AND (parent_id IS NULL OR parent_id IN (SELECT value FROM json_each(?))) ORDER BY id",
+                (conversation_id, json.dumps(parents[1:]))).fetchall()
+            siblings: dict[int | None, list[tuple[Any, ...]]] = {}
+            for row in rows:
+                siblings.setdefault(row[1], []).append(row)
+            branching = [row[0] for group in siblings.values() if len(group) > 1 for row in group]
+            images = self._images(branching)
+        forks = []
+        for position, (message, parent) in enumerate(zip(thread, parents, strict=True)):
+            group = siblings.get(parent, [])
+            if len(group) > 1:
+                alternatives = tuple(Message(_ROLES[role], text, tuple(images.get(i, ())), bool(interrupted), author, i)
+                                     for i, _, role, text, author, interrupted in group)
+                forks.append(Fork(position, alternatives, [m.id for m in alternatives].index(message.id)))
+        return forks
+
+    def switch_branch(self, conversation_id: int, message_id: int) -> int:
+        """Make the branch through ``message_id`` current: the head moves to the newest message under it (a
+        message's descendants all have larger ids, so the largest is a leaf). Returns the new head."""
+        with self._transaction() as db:
+            self._owned(db, conversation_id, message_id)
+            head = db.execute(
+                """WITH RECURSIVE below(id) AS (
+                       SELECT ? UNION ALL SELECT m.id FROM messages m JOIN below ON m.parent_id = below.id)
+                   SELECT MAX(id) FROM below""", (message_id,)).fetchone()[0]
+            db.execute("UPDATE conversations SET head_message_id = ?, updated_at = ? WHERE id = ?",
+                       (head, time.time(), conversation_id))
+        return int(head)
+
+    def clear_adapter(self, name: str) -> int:
+        """Conversations that chose adapter ``name`` go back to the backend's active one (adapter NULL); returns
+        how many. Their ``updated_at`` stays: this is no activity of theirs."""
+        with self._transaction() as db:
+            return db.execute("UPDATE conversations SET adapter = NULL WHERE adapter = ?", (name,)).rowcount
 
     def attachment_count(self) -> int:
         with self._lock:
@@ -377,6 +482,11 @@ class Store:
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO external_ids (source, external_id, conversation_id, message_id, scope)"
                        " VALUES (?, ?, ?, ?, ?)", (source, external_id, conversation_id, message_id, scope))
+
+    def unlink_external(self, source: str, external_id: str) -> None:
+        """Forget a front end's id (a Discord channel whose conversation moved into a thread)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM external_ids WHERE source = ? AND external_id = ?", (source, external_id))
 
     def find_external(self, source: str, external_id: str, *,
                       scope: str | None = None) -> tuple[int, int | None] | None:

@@ -3,15 +3,17 @@
 Input comes from a prompt_toolkit session (history, multi-line, path
 completion) or, when stdin is a pipe or a file, from its lines; tests pass a
 session reading from a pipe. Every ``IrisError`` is printed as one line and the
-conversation carries on unchanged. Everything shown goes through
+conversation carries on unchanged. ``/retry``, ``/edit`` and ``/branches`` work on the
+stored message tree: the old answer or question stays on its own branch. Everything shown goes through
 ``cli.terminal``: answers and stored text are data, never terminal controls or markup.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
-from assistant.dialogue import DialogueManager
+from assistant.dialogue import DialogueManager, NoBranch, Turn
 from assistant.errors import BadCommand, ConversationNotFound, IrisError, one_line
 from assistant.export import export_llava
 from assistant.messages import BASE_MODEL, ImageAttachment, Message, Role
-from assistant.store import Store
+from assistant.store import Fork, Store
 from assistant.vision import load_image_path
 from cli.inline_paths import extract_images, split_words
 from cli.terminal import VisibleStream, styled, visible
@@ -34,7 +36,12 @@ HELP = """\
 /clear                start a new conversation with the same settings
 /system [TEXT]        show or set the system prompt (/system none clears it)
 /set [NAME VALUE]     show or change sampling: temperature top_p top_k max_new_tokens repetition_penalty seed
+/retry                answer your last message again (the old answer is kept as another branch)
+/edit [TEXT]          change your last message and answer it again (no TEXT: edit it at the prompt)
+/branches [N]         list the branches of this conversation, or switch to branch N
 /adapter [NAME|none]  show or switch the LoRA adapter for this conversation
+  /adapter load PATH [NAME]  attach a PEFT adapter to the running model; this conversation uses it
+  /adapter unload NAME       detach it (conversations using it go back to the active adapter)
 /save DIR [--force]   export this conversation as LLaVA JSON (with its images) into a new or empty DIR
 /load ID              continue a stored conversation
 /history              list stored conversations
@@ -53,13 +60,15 @@ class ChatSession:
         self.conversation_id = conversation_id
         self.console = console
         self.read_line = read_line
+        self._prefills = _takes_default(read_line)
         self.markdown = markdown
         self.cwd = cwd or Path.cwd()
         self.pending: list[ImageAttachment] = []
         self._caps = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels}
         self._commands: dict[str, Callable[[str], bool]] = {
             "help": self._help, "image": self._image, "clear": self._clear, "system": self._system,
-            "set": self._set, "adapter": self._adapter, "save": self._save, "load": self._load,
+            "set": self._set, "adapter": self._adapter, "retry": self._retry, "edit": self._edit,
+            "branches": self._branches, "save": self._save, "load": self._load,
             "history": self._history, "tokens": self._tokens, "exit": self._exit, "quit": self._exit,
         }
 
@@ -88,8 +97,10 @@ class ChatSession:
             if not self.handle(line):
                 break
 
-    def _read_message(self) -> str:
-        line = self.read_line(">>> ")
+    def _read_message(self, prompt: str = ">>> ", default: str = "") -> str:
+        """One message: a line, or a \"\"\" block; ``default`` prefills the input where the reader can."""
+        reader: Callable[..., str] = self.read_line
+        line = reader(prompt, default=default) if default and self._prefills else reader(prompt)
         if not line.lstrip().startswith('"""'):
             return line
         body = line.lstrip()[3:]
@@ -139,6 +150,9 @@ class ChatSession:
         images = [*self.pending, *(self._attach(path) for path in paths)]
         turn = self.manager.send(self.conversation_id, text, images)
         self.pending = []
+        self._answer(turn)
+
+    def _answer(self, turn: Turn) -> None:
         for notice in turn.notices:
             self._say(("note:", "yellow"), f" {notice}")
         try:
@@ -204,7 +218,76 @@ class ChatSession:
         self._say(f"{parts[0]} = {getattr(updated, parts[0])}")
         return True
 
+    def _retry(self, argument: str) -> bool:
+        if argument:
+            raise BadCommand("usage: /retry (it answers your last message again)")
+        turn = self.manager.retry(self.conversation_id)
+        self._answer(turn)
+        self._say_branch(turn.assistant_message_id)
+        return True
+
+    def _edit(self, argument: str) -> bool:
+        text = argument
+        if not text:
+            asked = [m for m in self.manager.history(self.conversation_id) if m.role is Role.USER]
+            if not asked:
+                raise NoBranch("nothing to edit yet: send a message first")
+            if not self._prefills:  # piped input, or a reader that cannot prefill: the next line replaces it
+                self._say(("editing:", "dim"), f" {asked[-1].text}")
+            try:
+                text = self._read_message("edit> ", default=asked[-1].text)
+            except (EOFError, KeyboardInterrupt):
+                text = ""
+            if not text.strip() or text == asked[-1].text:
+                self._say(("edit cancelled; nothing changed", "dim"))
+                return True
+            _check_input(text)
+        turn = self.manager.edit(self.conversation_id, text)
+        self._answer(turn)
+        self._say_branch(turn.user_message_id)
+        return True
+
+    def _say_branch(self, message_id: int) -> None:
+        """Which branch a retried answer or edited message is, so the user knows the old one is still there."""
+        for fork in self.manager.branches(self.conversation_id):
+            if fork.message_id == message_id:
+                self._say((f"(branch {fork.current + 1} of {len(fork.alternatives)} · /branches lists them)",
+                           "dim"))
+
+    def _branches(self, argument: str) -> bool:
+        forks = list(reversed(self.manager.branches(self.conversation_id)))  # the newest fork is numbered first
+        choices = [(fork, index) for fork in forks for index in range(len(fork.alternatives))]
+        if not argument:
+            if not forks:
+                self._say("no branches yet: /retry or /edit makes one")
+                return True
+            number = 0
+            for fork in forks:
+                who = "answer" if fork.alternatives[0].role is Role.ASSISTANT else "you"
+                self._say(f"message {fork.position + 1} ({who}), {len(fork.alternatives)} versions:")
+                for index, message in enumerate(fork.alternatives):
+                    number += 1
+                    self._say(f"{'*' if index == fork.current else ' '} {number}. {_preview(message)}")
+            self._say(("(* is the current branch; /branches N switches to branch N)", "dim"))
+            return True
+        if not _ID.fullmatch(argument):
+            raise BadCommand("usage: /branches [N]")
+        number = int(argument)
+        if not 1 <= number <= len(choices):
+            raise NoBranch(f"no branch {argument}; /branches lists 1-{len(choices)}" if choices else
+                           "no branches yet: /retry or /edit makes one")
+        fork, index = choices[number - 1]
+        thread = self.manager.switch_branch(self.conversation_id, int(fork.alternatives[index].id or 0))
+        self._say(f"switched to branch {number}; the conversation now ends with:")
+        print_transcript(self.console, thread[-2:], branch_marks(self.manager.branches(self.conversation_id)))
+        return True
+
     def _adapter(self, argument: str) -> bool:
+        verb, _, rest = argument.partition(" ")
+        if verb == "load":
+            return self._adapter_load(rest.strip())
+        if verb == "unload":
+            return self._adapter_unload(rest.strip())
         if not argument:
             current = self.manager.conversation(self.conversation_id).adapter
             loaded = self.manager.backend.adapter_names()
@@ -213,6 +296,29 @@ class ChatSession:
             return True
         self.manager.set_adapter(self.conversation_id, argument)
         self._say(f"adapter: {argument}")
+        return True
+
+    def _adapter_load(self, argument: str) -> bool:
+        words = [word.text for word in split_words(argument)]  # quoted or backslash-escaped like inline paths
+        if not 1 <= len(words) <= 2:
+            raise BadCommand("usage: /adapter load PATH [NAME]")
+        path = self.cwd / Path(words[0]).expanduser()
+        self._say(("loading adapter from", "dim"), f" {path}")
+        name = self.manager.load_adapter(str(path), words[1] if len(words) == 2 else None)
+        if name not in self.manager.backend.adapter_names():  # a projector-only directory: no LoRA to choose
+            self._say(f"loaded {name}: its projector now serves every conversation")
+            return True
+        self.manager.set_adapter(self.conversation_id, name)
+        self._say(f"loaded adapter {name}; this conversation uses it now (/adapter none for the base model)")
+        return True
+
+    def _adapter_unload(self, argument: str) -> bool:
+        if not argument or len(argument.split()) != 1:
+            raise BadCommand("usage: /adapter unload NAME")
+        moved = self.manager.unload_adapter(argument)
+        active = self.manager.backend.describe().get("active_adapter", BASE_MODEL)
+        self._say(f"unloaded adapter {argument}" + (f"; {moved} conversation(s) that used it now use the active "
+                                                    f"adapter ({active})" if moved else ""))
         return True
 
     def _save(self, argument: str) -> bool:
@@ -239,7 +345,8 @@ class ChatSession:
         self.conversation_id = conversation_id
         self.pending = []
         self._say(f"continuing conversation #{self.conversation_id}")
-        print_transcript(self.console, self.manager.history(self.conversation_id))
+        print_transcript(self.console, self.manager.history(self.conversation_id),
+                         branch_marks(self.manager.branches(self.conversation_id)))
         return True
 
     def _history(self, _: str) -> bool:
@@ -282,12 +389,37 @@ def _check_input(line: str) -> None:
         raise IrisError(f"the message contains a NUL character (^@ at character {nul + 1}); it was not sent")
 
 
-def print_transcript(console: Console, messages: list[Any]) -> None:
-    """Stored messages as ``role [n image(s)] [interrupted]: text`` (``--resume``, ``/load``, ``history show``)."""
+def _takes_default(read_line: Callable[[str], str]) -> bool:
+    """Whether the reader can prefill its input (``default=``, as prompt_toolkit's ``prompt`` does)."""
+    try:
+        return "default" in inspect.signature(read_line).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _preview(message: Message, width: int = 70) -> str:
+    """One line for a message in a list of branches."""
+    text = " ".join(message.text.split())
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    images = f"[{len(message.images)} image(s)] " if message.images else ""
+    return f"{images}{text}{' [interrupted]' if message.interrupted else ''}"
+
+
+def branch_marks(forks: Sequence[Fork]) -> dict[int, tuple[int, int]]:
+    """Stored message id → (its branch number, how many) for the messages where the thread branches."""
+    return {fork.message_id: (fork.current + 1, len(fork.alternatives)) for fork in forks}
+
+
+def print_transcript(console: Console, messages: list[Any],
+                     branches: Mapping[int, tuple[int, int]] | None = None) -> None:
+    """Stored messages as ``role [n image(s)] [interrupted] (branch i of n): text`` (``--resume``, ``/load``,
+    ``history show``); ``branches`` (``branch_marks``) marks where the conversation branches."""
     for message in messages:
         images = f" [{len(message.images)} image(s)]" if message.images else ""
         mark = " [interrupted]" if message.interrupted else ""
-        console.print(styled(f"{message.role.value}{images}{mark}: {message.text}"), soft_wrap=True)
+        branch = (branches or {}).get(message.id)
+        where = f" (branch {branch[0]} of {branch[1]})" if branch else ""
+        console.print(styled(f"{message.role.value}{images}{mark}{where}: {message.text}"), soft_wrap=True)
 
 
 def print_conversation_list(console: Console, store: Store) -> None:

@@ -52,7 +52,11 @@ def make_reader(history_file: Path | None, **session_options: Any) -> Callable[[
     history = _private_history(history_file) if history_file is not None else InMemoryHistory()
     session: PromptSession[str] = PromptSession(history=history, completer=ChatCompleter(),
                                                 complete_while_typing=False, **session_options)
-    return lambda prompt: session.prompt(prompt)
+
+    def read(prompt: str, default: str = "") -> str:  # default: /edit's pre-filled text
+        return session.prompt(prompt, default=default)
+
+    return read
 
 
 def read_lines(stream: BinaryIO) -> Callable[[str], str]:

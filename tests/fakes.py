@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from assistant.config import GenerationOptions
-from assistant.messages import ImageAttachment, Message
+from assistant.errors import BadAdapter
+from assistant.messages import BASE_MODEL, ImageAttachment, Message
 
 
 class FakeBackend:
@@ -16,6 +18,7 @@ class FakeBackend:
 
     Token counting is one token per whitespace-separated word plus
     ``image_cost`` per image and 4 per message, so budgets are easy to reason about.
+    Adapters load from any directory holding an ``adapter_config.json`` (named after it by default).
     """
 
     def __init__(self, replies: Sequence[str] = (), *, accepts_images: bool = True, context_length: int = 4096,
@@ -38,6 +41,21 @@ class FakeBackend:
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters)
+
+    def load_adapter(self, path: str, name: str | None = None) -> str:
+        directory = Path(path)
+        if not (directory / "adapter_config.json").is_file():
+            raise BadAdapter(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
+        name = name or directory.name
+        if name in self.adapters or name == BASE_MODEL:
+            raise BadAdapter(f"an adapter named {name!r} is already loaded")
+        self.adapters.append(name)
+        return name
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise BadAdapter(f"no adapter named {name!r} is loaded")
+        self.adapters.remove(name)
 
     def describe(self) -> dict[str, Any]:
         return {"model": "fake", "device": "cpu", "quantization": "none", "context_length": self.context_length,

@@ -193,3 +193,65 @@ def test_bad_slash_arguments_are_one_line_errors(manager: DialogueManager, tmp_p
                      "error: usage: /set NAME VALUE (e.g. /set temperature 0.2)"):
         assert expected in output
     assert [m.text for m in manager.history(1)] == ["hello", "echo: hello", "still fine", "echo: still fine"]
+
+
+def test_adapters_load_and_unload_from_the_chat_with_one_line_errors(store: object, tmp_path: Path) -> None:
+    for name in ("pirate", "my adapters/sea"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    backend = FakeBackend()
+    manager = DialogueManager(backend, store)  # type: ignore[arg-type]
+    keys = (f"/adapter load {tmp_path / 'pirate'}\rhello\r/adapter\r"
+            f"/adapter load {tmp_path / 'pirate'}\r/adapter load {tmp_path / 'missing'} x\r/adapter load\r"
+            "/adapter load a b c\r/adapter unload\r/adapter unload ghost\r"
+            '/adapter load "my adapters/sea" deep\r/adapter unload deep\r/adapter unload pirate\r'
+            "hello again\r/exit\r")
+    output = run_session(manager, keys, tmp_path)
+    for expected in (f"loading adapter from {tmp_path / 'pirate'}",
+                     "loaded adapter pirate; this conversation uses it now (/adapter none for the base model)",
+                     "active: pirate; loaded: pirate",
+                     "error: an adapter named 'pirate' is already loaded",
+                     f"error: {tmp_path / 'missing'}: not a PEFT adapter directory (no adapter_config.json)",
+                     "error: usage: /adapter load PATH [NAME]", "error: usage: /adapter unload NAME",
+                     "error: no adapter named 'ghost' is loaded", "loaded adapter deep;",
+                     "unloaded adapter deep; 1 conversation(s) that used it now use the active adapter (none)",
+                     "unloaded adapter pirate\n"):
+        assert expected in output, expected
+    assert output.count("error: usage: /adapter load PATH [NAME]") == 2
+    assert [call["adapter"] for call in backend.calls] == ["pirate", None]
+    assert backend.adapters == [] and manager.conversation(1).adapter is None
+    assert [m.text for m in manager.history(1)] == ["hello", "echo: hello", "hello again", "echo: hello again"]
+
+
+def test_an_adapter_hot_loaded_in_the_chat_answers_like_one_given_at_start(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A real tiny Llama and a LoRA strong enough to change its greedy answer: ``/adapter load`` attaches it to
+    the running model, ``/adapter unload`` gives the base model back, and a bad path changes nothing."""
+    from tiny_models import save_strong_lora, save_tiny_llama
+
+    from assistant.config import Paths
+    from assistant.store import Store
+
+    llama = save_tiny_llama(tmp_path / "llama")
+    adapter = save_strong_lora(llama, tmp_path / "pirate", seed=3)
+    greedy = "/set temperature 0\r/set max_new_tokens 8\r"
+    model = ["chat", "--plain", "--model", str(llama), "--quant", "none"]
+    _scripted_reader(monkeypatch, greedy + f"hello\r/adapter load {adapter} sea\r/clear\rhello\r"
+                     f"/adapter unload sea\r/clear\rhello\r/adapter load {tmp_path / 'missing'}\r/exit\r")
+    hot = CliRunner().invoke(app, model)
+    assert hot.exit_code == 0, hot.output
+    assert "loaded adapter sea; this conversation uses it now" in hot.output
+    assert "unloaded adapter sea; 2 conversation(s) that used it now use the active adapter (none)" in hot.output
+    [refused] = [line for line in hot.output.splitlines() if line.startswith("error:")]
+    assert str(tmp_path / "missing") in refused and "Traceback" not in hot.output
+    _scripted_reader(monkeypatch, greedy + "hello\r/exit\r")
+    at_start = CliRunner().invoke(app, [*model, "--adapter", str(adapter)])
+    assert at_start.exit_code == 0, at_start.output
+    store = Store(Paths.default().database)
+    try:
+        base, adapted, unloaded, started = ([m.text for m in store.thread(cid) if m.role is Role.ASSISTANT]
+                                            for cid in (1, 2, 3, 4))
+        assert adapted == started != base == unloaded
+        assert store.conversation(3).message_count == 2  # the refused load left the conversation as it was
+    finally:
+        store.close()

@@ -353,3 +353,19 @@ def test_fitting_a_chat_template_counts_the_result_exactly() -> None:
         assert fitted.tokens == renderer.count(fitted.messages) <= budget
         kept, tokens, _ = _reference_fit(history, backend, budget)  # type: ignore[arg-type]
         assert (fitted.messages, fitted.tokens) == (kept, tokens)
+
+
+def test_unloading_an_adapter_sends_its_conversations_back_to_the_active_one(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "pirate").mkdir()
+    (tmp_path / "pirate" / "adapter_config.json").write_text("{}")
+    backend = FakeBackend()
+    manager = DialogueManager(backend, store)
+    assert manager.load_adapter(str(tmp_path / "pirate")) == "pirate"
+    using = manager.new_conversation(adapter="pirate")
+    base = manager.new_conversation(adapter="none")
+    with pytest.raises(BadAdapter, match="no adapter named 'ghost' is loaded"):
+        manager.unload_adapter("ghost")
+    assert manager.unload_adapter("pirate") == 1
+    assert manager.conversation(using).adapter is None and manager.conversation(base).adapter == "none"
+    manager.send(using, "still works").run()
+    assert backend.calls[-1]["adapter"] is None

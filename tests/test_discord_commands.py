@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from discord_harness import Harness, fast_settings
 from fakes import FakeBackend
@@ -23,7 +25,9 @@ async def start(store: Store, backend: FakeBackend | None = None, **settings: ob
 async def test_commands_are_registered_and_synced_in_setup_hook(store: Store) -> None:
     harness = await start(store)
     names = {command.name for command in harness.bot.tree.get_commands()}
-    assert names == {"reset", "stop", "info", "system", "persona", "adapter", "set"}
+    assert names == {"reset", "stop", "info", "system", "thread", "persona", "adapter", "set"}
+    adapter = harness.bot.tree.get_command("adapter")
+    assert {command.name for command in adapter.commands} == {"use", "load", "unload"}  # type: ignore[union-attr]
     synced: list[bool] = []
 
     async def fake_sync(**kwargs: object) -> list[object]:
@@ -74,11 +78,15 @@ async def test_system_can_be_admin_only(store: Store) -> None:
 
 
 @pytest.mark.parametrize(("command", "options"), [("persona", {"prompt": "You are a pirate."}),
-                                                  ("adapter", {"name": "pirate"}),
-                                                  ("set", {"name": "temperature", "value": "0.2"})])
+                                                  ("adapter use", {"name": "pirate"}),
+                                                  ("adapter load", {"path": "/tmp", "name": "x"}),
+                                                  ("adapter unload", {"name": "pirate"}),
+                                                  ("set", {"name": "temperature", "value": "0.2"}),
+                                                  ("set", {"name": "auto_thread", "value": "on"})])
 async def test_admin_commands_are_refused_for_others(store: Store, command: str, options: dict[str, str]) -> None:
     harness = await start(store)
-    reply = await harness.slash(command, member=1, **options)
+    name, _, subcommand = command.partition(" ")
+    reply = await harness.slash(name, member=1, subcommand=subcommand or None, **options)
     assert reply.startswith("⚠️ only Iris admins can")
     assert store.get_value("discord.channel", str(harness.channel().id)) is None
     await harness.close()
@@ -90,17 +98,19 @@ async def test_admin_binds_a_persisted_persona(store: Store) -> None:
     admin = harness.member(0).id
     harness.bot.permissions._s = fast_settings(admin_ids=frozenset({admin}))
     assert (await harness.slash("persona", prompt="You are a pirate.")).startswith("✅")
-    assert (await harness.slash("adapter", name="pirate")).startswith("✅")
+    assert (await harness.slash("adapter", subcommand="use", name="pirate")).startswith("✅")
     assert (await harness.slash("set", name="temperature", value="0.2")).startswith("✅")
     assert await harness.slash("set", name="temperature", value="hot") == \
         "⚠️ temperature needs a number, got 'hot'"
-    assert await harness.slash("adapter", name="ninja") == "⚠️ unknown adapter 'ninja'; loaded: pirate"
+    assert await harness.slash("adapter", subcommand="use", name="ninja") == \
+        "⚠️ unknown adapter 'ninja'; loaded: pirate"
     await harness.say("ahoy")
     call = backend.calls[0]
     assert call["messages"][0].text == "You are a pirate."
     assert call["adapter"] == "pirate" and call["options"].temperature == 0.2
     saved = store.get_value("discord.channel", str(harness.channel().id))
-    assert saved == {"system_prompt": "You are a pirate.", "adapter": "pirate", "options": {"temperature": "0.2"}}
+    assert saved == {"system_prompt": "You are a pirate.", "adapter": "pirate", "options": {"temperature": "0.2"},
+                     "auto_thread": None}
     await harness.slash("reset", member=1)  # a new conversation keeps the channel's persona
     await harness.say("again", member=1)
     assert backend.calls[1]["adapter"] == "pirate" and backend.calls[1]["messages"][0].text == "You are a pirate."
@@ -132,4 +142,27 @@ async def test_channel_and_role_allow_lists(store: Store) -> None:
     harness.bot.permissions._s = fast_settings(allowed_role_ids=frozenset({role_id}))
     await harness.say("no role", channel=0)
     assert len(backend.calls) == 1
+    await harness.close()
+
+
+async def test_admin_loads_and_unloads_adapters_while_the_bot_runs(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "pirate").mkdir()
+    (tmp_path / "pirate" / "adapter_config.json").write_text("{}")
+    backend = FakeBackend()
+    harness = await start(store, backend)
+    harness.bot.permissions._s = fast_settings(admin_ids=frozenset({harness.member(0).id}))
+    assert await harness.slash("adapter", subcommand="load", path=str(tmp_path / "pirate"), name="sea") == \
+        "✅ loaded adapter sea; /adapter use sea picks it for a channel (active adapter: none)."
+    assert await harness.slash("adapter", subcommand="load", path=str(tmp_path / "missing")) == \
+        f"⚠️ {tmp_path / 'missing'}: not a PEFT adapter directory (no adapter_config.json)"
+    assert (await harness.slash("adapter", subcommand="use", name="sea")).startswith("✅")
+    await harness.say("ahoy")
+    assert await harness.slash("adapter", subcommand="unload", name="sea") == \
+        "✅ unloaded adapter sea; 1 conversation(s) that used it now use the active adapter (none)."
+    assert await harness.slash("adapter", subcommand="unload", name="sea") == "⚠️ no adapter named 'sea' is loaded"
+    await harness.say("again")
+    await harness.slash("reset")  # the channel's persona still names sea: a new conversation falls back too
+    question = await harness.say("fresh")
+    assert [call["adapter"] for call in backend.calls] == ["sea", None, None]
+    assert not harness.transcript.reply_to(question.id).startswith("⚠️")
     await harness.close()

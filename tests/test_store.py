@@ -9,7 +9,7 @@ import pytest
 
 from assistant.errors import ConversationNotFound
 from assistant.messages import Message, Role
-from assistant.store import MIGRATIONS, Store
+from assistant.store import MIGRATIONS, HeadMoved, Store
 from assistant.vision import load_image_path
 
 
@@ -148,3 +148,40 @@ def test_an_id_too_large_for_sqlite_is_simply_not_found(store: Store, conversati
                  lambda cid: store.add_message(cid, Message(Role.USER, "x"))):
         with pytest.raises(ConversationNotFound, match=f"no conversation with id {conversation_id}"):
             call(conversation_id)
+
+
+def test_forks_and_switching_branches_follow_the_newest_message_under_a_sibling(store: Store) -> None:
+    cid = store.create_conversation()
+    question = store.add_message(cid, Message(Role.USER, "q"))
+    old = store.add_message(cid, Message(Role.ASSISTANT, "old"))
+    store.add_message(cid, Message(Role.USER, "more"))
+    deepest = store.add_message(cid, Message(Role.ASSISTANT, "deeper"))
+    new = store.add_answer(cid, question, expected_head=deepest)
+    assert store.conversation(cid).head_message_id == new and [m.text for m in store.thread(cid)] == ["q", ""]
+    [fork] = store.forks(cid)
+    assert (fork.position, [m.text for m in fork.alternatives], fork.current, fork.message_id) == (
+        1, ["old", ""], 1, new)
+    assert fork.alternatives[1].interrupted  # not finished yet
+    assert store.switch_branch(cid, old) == deepest  # the newest message under it, not the sibling itself
+    assert [m.text for m in store.thread(cid)] == ["q", "old", "more", "deeper"]
+    assert [f.current for f in store.forks(cid)] == [0]
+    with pytest.raises(HeadMoved):
+        store.add_answer(cid, question, expected_head=new)  # another front end moved the head: nothing stored
+    other = store.create_conversation()
+    with pytest.raises(ConversationNotFound, match=f"no message {old} in conversation {other}"):
+        store.switch_branch(other, old)
+    with pytest.raises(ConversationNotFound):
+        store.add_answer(other, question, expected_head=None)
+    assert store.conversation(cid).message_count == 5 and store.forks(other) == []
+
+
+def test_clearing_an_unloaded_adapter_and_unlinking_ids(store: Store) -> None:
+    using = store.create_conversation(adapter="pirate")
+    other = store.create_conversation(adapter="ninja")
+    before = store.conversation(using).updated_at
+    assert store.clear_adapter("pirate") == 1 and store.clear_adapter("pirate") == 0
+    assert store.conversation(using).adapter is None and store.conversation(other).adapter == "ninja"
+    assert store.conversation(using).updated_at == before  # no activity of its own: `--resume last` is unchanged
+    store.link_external("discord", "channel:1", using)
+    store.unlink_external("discord", "channel:1")
+    assert store.find_external("discord", "channel:1") is None

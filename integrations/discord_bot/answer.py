@@ -4,6 +4,11 @@ The device is held only while the model generates; showing the text is paced
 per channel and may finish after the next user's generation has started. Every
 way this can go wrong ends as a visible ⚠️ line in the reply, and is logged with
 ids but never with message contents.
+
+Where a channel has ``auto_thread`` on, a mention that starts something new opens a
+thread on the message and the answer and its conversation live there. A 🔁 on an
+answer regenerates it (``regenerate``): a new reply through the same queue, the old
+answer kept on its own branch.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import discord
 
@@ -23,32 +29,41 @@ from assistant.dialogue import DialogueManager, Turn
 from assistant.errors import IrisError
 from assistant.messages import ImageAttachment
 from assistant.vision import load_image_bytes
-from integrations.discord_bot.conversations import Conversations, Target
+from integrations.discord_bot.conversations import Asked, Conversations, Target
 from integrations.discord_bot.queue import FairQueue, QueueRefused, Ticket
 from integrations.discord_bot.settings import DiscordSettings
 from integrations.discord_bot.streaming import ChannelPacer, ReplyStream
+from integrations.discord_bot.threads import thread_name
 
 log = logging.getLogger("iris.discord")
 
 STOPPED = "⏹ stopped."
 SHUTTING_DOWN = "⏹ interrupted: Iris is shutting down."
 FAILED = "⚠️ something went wrong while answering (it has been logged); please try again."
+NO_THREAD = "⚠️ could not open a thread here (Iris needs the Create Public Threads permission); answering here."
 
 
 @dataclass(eq=False)
 class Job:
-    """One request in flight, so ⏹ and /stop can find and stop it."""
+    """One request in flight, so ⏹ and /stop can find and stop it. ``channel`` is where the answer shows and the
+    conversation lives: the trigger's channel, or a thread opened for it."""
 
     user_id: int
     trigger: discord.Message
+    channel: Any = None
     ticket: Ticket | None = None
     turn: Turn | None = None
     stream: ReplyStream | None = None
     stop_note: str | None = None
+    target: Target | None = None
+
+    def __post_init__(self) -> None:
+        if self.channel is None:
+            self.channel = self.trigger.channel
 
     @property
     def channel_id(self) -> int:
-        return self.trigger.channel.id
+        return int(self.channel.id)
 
     def shows(self, message_id: int) -> bool:
         """Whether ``message_id`` is the user's message or one of the bot's replies to it."""
@@ -159,14 +174,39 @@ class Answerer:
     # answering -------------------------------------------------------------
 
     async def answer(self, message: discord.Message, bot_user_id: int) -> None:
-        """Answer ``message`` in place; never raises (failures become a ⚠️ reply and a log line)."""
+        """Answer ``message`` in place (or in a thread opened on it); never raises (failures become a ⚠️ reply and
+        a log line)."""
         job = Job(message.author.id, message)
         job.stream = ReplyStream(message, self.pacer)
+        await self._guarded(job, self._answer(job, message, bot_user_id))
+
+    async def regenerate(self, anchor: discord.Message, channel: Any, asked: Asked, conversation_id: int,
+                         answer_id: int) -> None:
+        """Answer the question behind stored answer ``answer_id`` again (🔁), as a new reply to ``anchor`` in
+        ``channel``, while that answer is still the conversation's last; never raises."""
+        job = Job(asked.user_id, anchor, channel)
+        job.stream = ReplyStream(anchor, self.pacer, channel=channel)
+
+        async def begin() -> Turn:
+            retry = functools.partial(self.manager.retry, conversation_id, answer_id=answer_id)
+            turn = await asyncio.get_running_loop().run_in_executor(self._executor, retry)
+            self.conversations.remember_asker(turn.assistant_message_id, asked)
+            return turn
+
+        await self._guarded(job, self._queued(job, "", begin))
+
+    async def run_on_device(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function`` on the generation thread, between answers (loading an adapter changes the model)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _guarded(self, job: Job, work: Awaitable[None]) -> None:
+        assert job.stream is not None
+        message = job.trigger
         self.jobs.add(job)
-        context = {"guild": getattr(message.guild, "id", None), "channel": message.channel.id,
-                   "user": message.author.id, "message": message.id}
+        context = {"guild": getattr(message.guild, "id", None), "channel": job.channel_id,
+                   "user": job.user_id, "message": message.id}
         try:
-            await self._answer(job, message, bot_user_id)
+            await work
         except Exception:
             log.exception("answer failed %s", context)
             with contextlib.suppress(discord.HTTPException):
@@ -193,26 +233,58 @@ class Answerer:
         if not text and not images:
             await stream.show(prefix + "⚠️ nothing to answer: send some text or an image.", final=True)
             return
+        if self._opens_thread(message):
+            try:
+                job.channel = await message.create_thread(name=thread_name(text))
+            except discord.HTTPException as error:
+                log.warning("could not open a thread in channel %s: HTTP %s", job.channel_id, error.status)
+                prefix += NO_THREAD + "\n"
+            else:
+                job.stream = ReplyStream(message, self.pacer, channel=job.channel)
+
+        async def begin() -> Turn:
+            job.target = target = self.conversations.target(
+                job.channel_id, self.replied_to(message), title=text, parent_id=getattr(job.channel, "parent_id", None))
+            send = functools.partial(self.manager.send, target.conversation_id, text, images,
+                                     author=message.author.display_name, parent_id=target.parent_id)
+            turn = await asyncio.get_running_loop().run_in_executor(self._executor, send)
+            self.conversations.link(job.channel_id, [message.id], turn.conversation_id, turn.user_message_id)
+            self.conversations.remember_asker(turn.assistant_message_id,
+                                              Asked(job.user_id, message.id, message.channel.id))
+            return turn
+
+        await self._queued(job, prefix, begin)
+
+    def _opens_thread(self, message: discord.Message) -> bool:
+        """A mention in a server text channel with ``auto_thread`` on, unless it replies to a known message (that
+        continues a conversation where it is)."""
+        if not isinstance(message.channel, discord.TextChannel) or self.replied_to(message) is not None:
+            return False
+        chosen = self.conversations.persona(message.channel.id).auto_thread
+        return self.settings.auto_thread if chosen is None else chosen
+
+    async def _queued(self, job: Job, prefix: str, begin: Callable[[], Awaitable[Turn]]) -> None:
+        """Join the queue, then run the turn ``begin`` makes and show it (``prefix`` first)."""
+        assert job.stream is not None
         try:
             job.ticket = self.queue.enter(job.user_id)
         except QueueRefused as refused:
-            await stream.show(f"{prefix}⚠️ {refused}", final=True)
+            await job.stream.show(f"{prefix}⚠️ {refused}", final=True)
             return
-        display = _Display(stream)
+        display = _Display(job.stream)
         try:
-            await self._run(job, message, text, images, prefix, display)
+            await self._run(job, prefix, display, begin)
             await display.finished()
         finally:
             display.abandon()  # no-op once finished
 
-    async def _run(self, job: Job, message: discord.Message, text: str, images: list[ImageAttachment],
-                   prefix: str, display: _Display) -> None:
+    async def _run(self, job: Job, prefix: str, display: _Display, begin: Callable[[], Awaitable[Turn]]) -> None:
         """Wait for the device, generate, and leave the final text in ``display``."""
         assert job.ticket is not None and job.stream is not None
         ticket = job.ticket
         async with contextlib.AsyncExitStack() as typing:
             with contextlib.suppress(discord.HTTPException):
-                await typing.enter_async_context(message.channel.typing())
+                await typing.enter_async_context(job.channel.typing())
 
             async def show_position(position: int) -> None:
                 if position > 0:
@@ -221,22 +293,16 @@ class Answerer:
             if not await self.queue.wait(ticket, show_position):
                 display.set(f"{prefix}{job.stop_note or STOPPED}", final=True)
                 return
-            target: Target | None = None
             try:
-                target = self.conversations.target(message.channel.id, self.replied_to(message), title=text,
-                                                   parent_id=getattr(message.channel, "parent_id", None))
-                send = functools.partial(self.manager.send, target.conversation_id, text, images,
-                                         author=message.author.display_name, parent_id=target.parent_id)
-                turn = await asyncio.get_running_loop().run_in_executor(self._executor, send)
+                turn = await begin()
             except IrisError as refused:
                 self.queue.release(ticket)
                 display.set(f"{prefix}⚠️ {refused}", final=True)
                 await display.finished()
-                if target is not None:  # a reply to the warning continues where the user was
+                if job.target is not None:  # a reply to the warning continues where the user was
                     self.conversations.link(job.channel_id, (m.id for m in job.stream.messages),
-                                            target.conversation_id, target.parent_id)
+                                            job.target.conversation_id, job.target.parent_id)
                 return
-        self.conversations.link(job.channel_id, [message.id], target.conversation_id, turn.user_message_id)
         job.turn = turn
         if job.stop_note is not None:
             turn.cancel()
@@ -262,7 +328,7 @@ class Answerer:
         body = answer if answer.strip() or ending else "…(empty answer)"
         display.set(prefix + body + (f"\n\n{ending}" if ending else ""), final=True)
         await display.finished()
-        self.conversations.link(job.channel_id, (m.id for m in job.stream.messages), target.conversation_id,
+        self.conversations.link(job.channel_id, (m.id for m in job.stream.messages), turn.conversation_id,
                                 turn.assistant_message_id)
 
     # inputs ----------------------------------------------------------------

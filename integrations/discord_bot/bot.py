@@ -24,6 +24,7 @@ from integrations.discord_bot.streaming import NO_MENTIONS
 log = logging.getLogger("iris.discord")
 
 STOP_EMOJIS = frozenset({"⏹", "⏹️", "🛑"})
+RETRY_EMOJIS = frozenset({"🔁"})
 
 
 def bot_intents() -> discord.Intents:
@@ -91,13 +92,53 @@ class IrisBot(commands.Bot):
         task.add_done_callback(self._tasks.discard)
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        """⏹ on the question or the answer stops it, for its author or an admin."""
+        """⏹ on the question or the answer stops it, 🔁 on the last answer regenerates it: for the person who
+        asked, or an admin."""
+        if str(payload.emoji) in RETRY_EMOJIS:
+            await self._regenerate(payload)
         if str(payload.emoji) not in STOP_EMOJIS:
             return
         for job in list(self.answerer.jobs):
             if job.shows(payload.message_id) and (payload.user_id == job.user_id
                                                   or self.permissions.is_admin(payload.user_id)):
                 self.answerer.stop(job)
+
+    async def _regenerate(self, payload: discord.RawReactionActionEvent) -> None:
+        """🔁 on an answer that is still its conversation's last and is no longer being written: answer its
+        question again as a new reply (the old answer stays, and replying to it continues that branch)."""
+        conversations = self.answerer.conversations
+        conversation_id, answer_id = conversations.linked(payload.channel_id, payload.message_id) or (0, None)
+        asked = conversations.asker(answer_id) if answer_id is not None else None
+        if answer_id is None or asked is None or self.user is None or payload.user_id == self.user.id:
+            return
+        channel = self.get_channel(payload.channel_id)
+        who = payload.member or discord.Object(payload.user_id)
+        if channel is None or not (payload.user_id == asked.user_id or self.permissions.is_admin(payload.user_id)) \
+                or not self.permissions.allowed(requester(who, channel)):
+            return
+        if self.manager.conversation(conversation_id).head_message_id != answer_id \
+                or any(job.shows(payload.message_id) for job in self.answerer.jobs):
+            return
+        anchor = await self._message(asked.question_channel_id, asked.question_id) \
+            or await self._message(payload.channel_id, payload.message_id)
+        if anchor is None:
+            return
+        task = asyncio.create_task(self.answerer.regenerate(anchor, channel, asked, conversation_id, answer_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _message(self, channel_id: int, message_id: int) -> discord.Message | None:
+        """A message from the cache, else from Discord; None if it is gone."""
+        cached = discord.utils.get(self.cached_messages, id=message_id)
+        if cached is not None:
+            return cached
+        channel = self.get_channel(channel_id)
+        if not isinstance(channel, discord.abc.Messageable):
+            return None
+        try:
+            return await channel.fetch_message(message_id)
+        except discord.HTTPException:
+            return None
 
     async def wait_idle(self) -> None:
         """Until every answer under way has been shown (tests, benchmarks and shutdown use it)."""

@@ -6,20 +6,26 @@ was posted in, so a reply to any of them in that channel, even after a restart,
 continues that conversation from that message (branching when it is an old
 one); a reference from another channel never reaches it. A channel, thread or DM also has a *current*
 conversation that plain mentions continue and ``/reset`` replaces; new ones take
-the channel's persona (system prompt, adapter, sampling), set by admins.
+the channel's persona (system prompt, adapter, sampling), set by admins, who also
+choose whether mentions there open a thread (``auto_thread``). ``/thread`` moves a
+channel's current conversation into a thread. Each answer remembers who asked
+and where, so its asker (or an admin) can have it regenerated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from assistant.config import GenerationOptions
 from assistant.dialogue import DialogueManager
+from assistant.messages import BASE_MODEL
 
 SOURCE = "discord"
 PERSONA_NAMESPACE = "discord.channel"
+ANSWER_NAMESPACE = "discord.answer"
 
 
 @dataclass(frozen=True)
@@ -29,9 +35,23 @@ class Persona:
     system_prompt: str | None = None
     adapter: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    auto_thread: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"system_prompt": self.system_prompt, "adapter": self.adapter, "options": dict(self.options)}
+        return {"system_prompt": self.system_prompt, "adapter": self.adapter, "options": dict(self.options),
+                "auto_thread": self.auto_thread}
+
+    def replace(self, **changes: Any) -> Persona:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Asked:
+    """Who asked for a stored answer, and the Discord message (with its channel) that asked."""
+
+    user_id: int
+    question_id: int
+    question_channel_id: int
 
 
 @dataclass(frozen=True)
@@ -57,7 +77,8 @@ class Conversations:
             if key is not None:
                 raw = self._store.get_value(PERSONA_NAMESPACE, str(key))
                 if raw is not None:
-                    return Persona(raw.get("system_prompt"), raw.get("adapter"), dict(raw.get("options", {})))
+                    return Persona(raw.get("system_prompt"), raw.get("adapter"), dict(raw.get("options", {})),
+                                   raw.get("auto_thread"))
         return Persona()
 
     def set_persona(self, channel_id: int, persona: Persona) -> None:
@@ -75,11 +96,35 @@ class Conversations:
         options = self._manager.default_options
         for name, value in persona.options.items():
             options = options.with_setting(name, str(value))
+        adapter = persona.adapter
+        if adapter not in (None, BASE_MODEL, *self._manager.backend.adapter_names()):
+            adapter = None  # unloaded since the admin chose it (or not loaded at this start): the active one
         conversation_id = self._manager.new_conversation(
-            title=title[:80], system_prompt=persona.system_prompt, options=options, adapter=persona.adapter,
+            title=title[:80], system_prompt=persona.system_prompt, options=options, adapter=adapter,
             source=SOURCE)
         self._store.link_external(SOURCE, f"channel:{channel_id}", conversation_id)
         return conversation_id
+
+    def move(self, channel_id: int, to_channel_id: int) -> int | None:
+        """Make the channel's current conversation the current one of ``to_channel_id`` (a thread) instead; the
+        channel starts afresh at its next mention. Returns the conversation moved, if there was one."""
+        conversation_id = self.current(channel_id)
+        if conversation_id is not None:
+            self._store.link_external(SOURCE, f"channel:{to_channel_id}", conversation_id)
+            self._store.unlink_external(SOURCE, f"channel:{channel_id}")
+        return conversation_id
+
+    def remember_asker(self, answer_id: int, asked: Asked) -> None:
+        self._store.put_value(ANSWER_NAMESPACE, str(answer_id), dataclasses.asdict(asked))
+
+    def asker(self, answer_id: int) -> Asked | None:
+        """Who asked for stored answer ``answer_id`` (None for anything that is not the bot's answer)."""
+        raw = self._store.get_value(ANSWER_NAMESPACE, str(answer_id))
+        return None if raw is None else Asked(**raw)
+
+    def linked(self, channel_id: int, discord_message_id: int) -> tuple[int, int | None] | None:
+        """``(conversation id, stored message id)`` of a Discord message the bot saw in this channel."""
+        return self._store.find_external(SOURCE, str(discord_message_id), scope=str(channel_id))
 
     def current_or_start(self, channel_id: int, *, title: str = "", parent_id: int | None = None) -> int:
         return self.current(channel_id) or self.start(channel_id, title=title, parent_id=parent_id)

@@ -50,6 +50,7 @@ class DiscordSettings:
     allowed_user_ids: IDS = frozenset()
     blocked_user_ids: IDS = frozenset()
     users_can_set_system: bool = True
+    auto_thread: bool = False  # mentions in a channel open a thread (admins override it per channel)
     max_images: int = 4
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 50_000_000
@@ -71,6 +72,7 @@ _WINDOW = number(0, 86_400, above=True)
 DISCORD_RULES: dict[str, Rule] = {
     "token_file": optional(text(allow_empty=False)), "allow_dms": flag(), "users_can_set_system": flag(),
     "sync_commands": flag(), "max_images": integer(1, 100), "max_image_bytes": integer(1, 1 << 30),
+    "auto_thread": flag(),
     "max_image_pixels": integer(1, 1_000_000_000), "rate_limit": _POSITIVE_COUNT, "rate_window_s": _WINDOW,
     "per_user_queue": _POSITIVE_COUNT, "max_queue": _POSITIVE_COUNT, "edits_per_window": _POSITIVE_COUNT,
     "edit_window_s": _WINDOW, "shutdown_grace_s": number(0, 86_400),

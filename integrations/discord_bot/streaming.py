@@ -144,11 +144,14 @@ class ReplyStream:
     ``show(text)`` makes Discord display ``text`` (the whole reply so far). Messages
     that filled up are frozen and only the live (last) one is edited, so the text
     must only grow past what is frozen, which holds for an answer after a fixed prefix.
-    Callers must not run two ``show`` calls of one stream at once.
+    Callers must not run two ``show`` calls of one stream at once. With ``channel`` (a thread
+    opened for the anchor) the reply is posted there, its first part referring to nothing.
     """
 
-    def __init__(self, anchor: discord.Message, pacer: ChannelPacer, limit: int = DISCORD_LIMIT) -> None:
+    def __init__(self, anchor: discord.Message, pacer: ChannelPacer, limit: int = DISCORD_LIMIT, *,
+                 channel: discord.abc.Messageable | None = None) -> None:
         self.anchor = anchor
+        self.channel: Any = channel or anchor.channel
         self.messages: list[discord.Message] = []
         self._pacer = pacer
         self._limit = limit
@@ -177,11 +180,12 @@ class ReplyStream:
         live = self._live
         if live is not None and content == self._shown:
             return
-        channel = self.anchor.channel
+        channel = self.channel
         if live is None:
             # each part replies to the one before, so the answer reads as one chain under the question
-            reference = (self.messages[-1] if self.messages else self.anchor).to_reference(
-                fail_if_not_exists=False)
+            previous = self.messages[-1] if self.messages else \
+                self.anchor if channel.id == self.anchor.channel.id else None
+            reference = previous.to_reference(fail_if_not_exists=False) if previous is not None else None
             sent = await self._pacer.call(channel.id, lambda: channel.send(
                 content, reference=reference, mention_author=False, allowed_mentions=NO_MENTIONS))
             self.messages.append(sent)
