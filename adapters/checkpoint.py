@@ -2,7 +2,8 @@
 
 ``<out>/checkpoints/step-NNNNNN/`` holds the usable adapter files (written by the trainer), plus
 ``trainable.safetensors`` (every trainable tensor by name), ``optimizer.pt``, ``scheduler.pt``,
-``state.json`` (step, world size, the settings that must not change) and one ``rng-<rank>.pt`` per
+``state.json`` (step, world size, the settings that must not change, and what the trainer adds: the stage it was
+in, the planned steps of every stage, the time spent) and one ``rng-<rank>.pt`` per
 process (torch, CUDA and Python RNG states, so LoRA dropout replays identically).
 """
 
@@ -33,8 +34,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_state(directory: Path, *, step: int, settings: dict[str, Any], trainable: dict[str, Any],
-               optimizer: Any, scheduler: Any, accelerator: Any) -> None:
-    """Write the training state; each process writes its own RNG file, the main process the rest."""
+               optimizer: Any, scheduler: Any, accelerator: Any, extra: dict[str, Any] | None = None) -> None:
+    """Write the training state; each process writes its own RNG file, the main process the rest. ``extra``
+    (JSON values) is stored beside the step and settings and comes back from ``read_state``."""
     import torch
     from safetensors.torch import save_file
 
@@ -49,7 +51,7 @@ def save_state(directory: Path, *, step: int, settings: dict[str, Any], trainabl
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # last, so that only a complete checkpoint counts
-        state = {"step": step, "world_size": accelerator.num_processes, "settings": settings}
+        state = {**(extra or {}), "step": step, "world_size": accelerator.num_processes, "settings": settings}
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -62,7 +64,7 @@ def read_state(directory: Path) -> dict[str, Any]:
         state = json.loads(text)
     except (ValueError, RecursionError):
         raise BadSetting(f"{directory.name}: corrupt {STATE_FILE}; train again without --resume") from None
-    fields = {"settings": dict, "world_size": int}
+    fields = {"settings": dict, "world_size": int, "step": int}
     if not isinstance(state, dict) or any(not isinstance(state.get(k), kind) for k, kind in fields.items()):
         raise BadSetting(f"{directory.name}: corrupt {STATE_FILE}; train again without --resume")
     return state

@@ -4,6 +4,11 @@
 Merging into a 4-bit base would round the sum back to NF4, so it is refused unless ``dequantize``
 is asked for: the base is then dequantized first and the merged model is written in full precision
 (the weights a QLoRA adapter was actually trained against, up to NF4 rounding).
+
+A vision model composed by ``iris build`` keeps its LLM's text-only chat template, which fails on the typed
+image parts (``{"type": "image"}``) that transformers' ``processor.apply_chat_template`` is given; what
+``save_model`` writes wraps such a template so it renders typed parts the way Iris renders them for it (each
+image as the processor's image token and a newline, before the text), and plain string messages as before.
 """
 
 from __future__ import annotations
@@ -74,14 +79,47 @@ def merged(adapter_dir: Path, *, model: str | None = None, quant: str = "none", 
     return loaded
 
 
+def parts_template(template: str, image_token: str) -> str:
+    """``template`` (which only takes string contents) made to accept lists of typed parts too: each message's
+    parts are joined into one string first (an image part becomes ``image_token`` and a newline, a text part its
+    text), then the original template renders them."""
+    image = json.dumps(image_token + "\n")
+    return ("{%- set ns = namespace(messages=[], text='') -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['content'] is string -%}{%- set ns.messages = ns.messages + [message] -%}"
+            "{%- else -%}{%- set ns.text = '' -%}"
+            "{%- for part in message['content'] -%}"
+            "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + " + image + " -%}"
+            "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': ns.text}] -%}"
+            "{%- endif -%}{%- endfor -%}"
+            "{%- set messages = ns.messages -%}" + template)
+
+
+def with_parts_template(loaded: LoadedModel) -> None:
+    """Give a vision model whose template cannot render typed image parts one that can (see the module doc)."""
+    processor = loaded.processor
+    image_token = getattr(processor, "image_token", None)
+    template = getattr(processor, "chat_template", None)
+    if processor is None or not isinstance(image_token, str) or not isinstance(template, str):
+        return
+    if PromptRenderer(loaded.tokenizer, processor).placeholder():
+        return  # it renders typed parts already
+    processor.chat_template = parts_template(template, image_token)
+    loaded.tokenizer.chat_template = processor.chat_template
+
+
 def save_model(loaded: LoadedModel, out: Path) -> Path:
-    """``save_pretrained`` the model and its processor/tokenizer into a new directory."""
+    """``save_pretrained`` the model and its processor/tokenizer into a new directory (a chat template that
+    takes typed image parts included)."""
     out = Path(out).expanduser()
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise BadSetting(f"{out}: already exists; choose a new --out")
         out.mkdir(parents=True, exist_ok=True)
         loaded.model.save_pretrained(out)
+        with_parts_template(loaded)
         (loaded.processor or loaded.tokenizer).save_pretrained(out)
     except OSError as exc:  # a read-only place, /proc or /sys, a full disk
         raise BadSetting(f"{out}: cannot write the model there ({exc.strerror or one_line(exc)})") from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,14 @@ class ByteLRU:
         with self._lock:
             return list(self._entries)
 
+    def drop(self, doomed: Callable[[Hashable], bool]) -> int:
+        """Remove every entry whose key ``doomed`` accepts (what a changed model made stale); returns how many."""
+        with self._lock:
+            keys = [key for key in self._entries if doomed(key)]
+            for key in keys:
+                self._bytes -= self._entries.pop(key)[1]
+            return len(keys)
+
 
 @dataclass
 class PrefixHit:
@@ -146,6 +154,14 @@ class PrefixKVCache:
         """Keep ``cache``, which holds the KV of exactly ``token_ids``."""
         self._lru.put((adapter, token_ids), cache, kv_cache_bytes(cache))
 
+    def drop_adapter(self, adapter: str | None) -> int:
+        """Forget the caches computed with ``adapter`` (it was unloaded; a new one may take its name)."""
+        return self._lru.drop(lambda key: isinstance(key, tuple) and key[0] == adapter)
+
+    def clear(self) -> None:
+        self._lru.drop(lambda key: True)
+
+
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     limit = min(len(a), len(b))
     index = 0
@@ -169,6 +185,13 @@ class ImageFeatureCache:
 
     def put(self, sha256: str, adapter: str | None, features: Any) -> None:
         self._lru.put((sha256, adapter), features, tensor_bytes(features))
+
+    def drop_adapter(self, adapter: str | None) -> int:
+        """Forget the features computed with ``adapter`` (it was unloaded; a new one may take its name)."""
+        return self._lru.drop(lambda key: isinstance(key, tuple) and key[1] == adapter)
+
+    def clear(self) -> None:
+        self._lru.drop(lambda key: True)
 
 
 class DecodedImageCache:

@@ -1,21 +1,39 @@
-"""``--quant int8``: dynamic int8 quantization of the language model's Linear layers, for CPUs.
+"""Smaller language-model weights for CPUs: ``fp16`` (the CPU default) and ``--quant int8``.
 
-bitsandbytes' kernels target GPUs; on a CPU, PyTorch's dynamic int8 Linear
-(int8 weights, activations quantized on the fly) decodes several times faster
-than fp32 with the same answers in practice. The vision tower, the projector
-and LoRA matrices stay in full precision, so adapters still attach and switch.
+A CPU decodes at the speed it streams weights from memory, so fewer bytes per weight is most of the speed.
+
+- ``fp16`` (what ``--quant auto`` picks on an x86 CPU): the language model's Linear weights are held in fbgemm's
+  packed half-precision form and multiplied in fp32 (``quantized::linear_dynamic_fp16``): half the bytes of fp32,
+  about 2.4x its decode speed, and the same greedy tokens (bench/int8_agreement.py: 100% token agreement on the
+  default model). ``HalfLinear`` is still an ``nn.Linear`` to PEFT, so LoRA adapters attach, switch and detach
+  on top of it as on full precision.
+- ``int8`` (PyTorch's dynamic int8, ``torch.ao``, asked for by name only): int8 weights, and activations quantized
+  to 7 bits on the fly. A little faster than fp16, but the activation rounding changes the answers of small models
+  (the default model: 42% token agreement, vision key words 0.71 -> 0.09), so it is no default. Adapters attach at
+  load time only (PEFT cannot wrap its modules).
+
+torchao was measured too (0.18, without ``torch.compile``): int8 weight-only 8.7 tok/s and int8 dynamic 4.1 tok/s
+against 26 (fp16 here) and 11 (fp32) on the default model: its CPU speed needs compiling, which costs the start.
+The vision tower, the projector and LoRA matrices stay in full precision.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from assistant.architecture import Architecture
 
+FP16_MAX = 65504.0
+# Below this many bytes of weights, a decode step is hundreds of tiny kernels: an OpenMP team costs more than it
+# gains, and on a shared machine a team waiting for a busy core stalls every step (SmolLM2-135M, 2 cores, other work
+# running: int8 41 tok/s on one thread, 5 on two; fp32 11 and 1.5).
+SINGLE_THREAD_BYTES = 1 << 30
 
-def int8_targets(model: Any, architecture: Architecture) -> list[str]:
-    """Names of the plain ``nn.Linear`` layers to quantize: not the vision tower or projector, nor LoRA
-    matrices (``lm_head`` is quantized: it is a fifth of a small model's decode time)."""
+
+def quantizable(model: Any, architecture: Architecture) -> list[str]:
+    """Names of the plain ``nn.Linear`` layers of the language model: not the vision tower or projector, nor LoRA
+    matrices (``lm_head`` is included: it is a fifth of a small model's decode time)."""
     import torch
 
     keep = architecture.vision_modules()
@@ -24,12 +42,87 @@ def int8_targets(model: Any, architecture: Architecture) -> list[str]:
             and not any(name == path or name.startswith(path + ".") for path in keep)]
 
 
-def quantize_int8(model: Any, architecture: Architecture) -> int:
-    """Quantize ``model`` (or a PEFT model's base) in place; returns how many layers were converted."""
+def half_weights_supported() -> bool:
+    """fbgemm (x86 CPUs) runs the packed fp16 matrix products; other CPUs keep fp32."""
     import torch
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@cache
+def _half_linear_class() -> type:
+    import torch
+
+    class HalfLinear(torch.nn.Linear):
+        """An ``nn.Linear`` whose weight lives packed in fp16 (fbgemm); inputs and outputs stay fp32.
+
+        ``weight`` is an empty placeholder that tells PEFT the device and dtype its LoRA matrices should take.
+        """
+
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            torch.nn.Module.__init__(self)
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.weight = torch.nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
+            self.register_parameter("bias", None)  # packed with the weight
+            self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach(), linear.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+    return HalfLinear
+
+
+def quantize_half(model: Any, architecture: Architecture) -> int:
+    """Pack the language model's Linear weights (of ``model`` or a PEFT model's base) in fp16, in place; a layer
+    with weights beyond fp16's range stays fp32. Returns how many layers were packed."""
+    import torch
+
+    half_linear = _half_linear_class()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    packed = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one pass over each small matrix: a thread team only waits (2x slower on 2 busy cores)
+    try:
+        for name in quantizable(base, architecture):
+            parent, _, child = name.rpartition(".")
+            owner = base.get_submodule(parent)
+            linear = getattr(owner, child)
+            low, high = torch.aminmax(linear.weight.detach())
+            if max(-float(low), float(high)) <= FP16_MAX:
+                setattr(owner, child, half_linear(linear))
+                packed += 1
+    finally:
+        torch.set_num_threads(threads)
+    return packed
+
+
+def quantize_int8(model: Any, architecture: Architecture) -> int:
+    """Quantize ``model`` (or a PEFT model's base) in place, int8 weights per output channel; returns how many
+    layers were converted."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    targets = int8_targets(base, architecture)
-    quantize_dynamic(base, {name: default_dynamic_qconfig for name in targets}, dtype=torch.qint8, inplace=True)
+    targets = quantizable(base, architecture)
+    quantize_dynamic(base, {name: per_channel_dynamic_qconfig for name in targets}, dtype=torch.qint8,
+                     inplace=True)
     return len(targets)
+
+
+def packed_weights(model: Any) -> tuple[int, int]:
+    """(elements, bytes) of the weights held packed outside ``model.parameters()`` (fp16 and int8 layers)."""
+    elements = size = 0
+    for module in model.modules():
+        half = getattr(module, "packed", None) is not None
+        int8 = hasattr(module, "_packed_params") and hasattr(module, "in_features")  # not the params holder
+        if half or int8:
+            count = module.in_features * module.out_features
+            elements += count
+            size += count * (2 if half else 1)
+    return elements, size
+
+
+def single_thread_decode(model: Any) -> bool:
+    """Whether a CPU decodes this model faster on one thread than on an OpenMP team: small models."""
+    weights = packed_weights(model)[1] + sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights < SINGLE_THREAD_BYTES

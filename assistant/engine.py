@@ -1,8 +1,10 @@
 """Local generation: a ``ChatBackend`` over a loaded transformers model.
 
-Text streams out as it is generated (``generate`` runs in a worker thread and
-feeds a ``TextIteratorStreamer``). Closing the stream early stops generation at
-the next token. One lock per device: a single GPU runs one generation at a time.
+Text streams out as it is generated. On a CPU the decode loop runs in the caller's
+thread through the language model alone (a vision model's wrapper only matters while
+pixels become features), picking the tokens ``generate`` would; elsewhere ``generate``
+runs in a worker thread and feeds a ``TextIteratorStreamer``. Closing the stream early
+stops generation at the next token. One lock per device: one generation at a time.
 
 Work is reused across turns: the KV cache of each finished generation is kept
 (bounded LRU) and the next prompt that shares its token prefix prefills only the
@@ -20,14 +22,17 @@ names nothing gets the loaded model's active adapter (the last one given at star
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
-from assistant.caches import DecodedImageCache, ImageFeatureCache, PrefixKVCache
+from assistant.caches import DecodedImageCache, ImageFeatureCache, PrefixHit, PrefixKVCache
 from assistant.config import GenerationOptions
+from assistant.cpu_quant import packed_weights, single_thread_decode
 from assistant.errors import BadAdapter
 from assistant.messages import BASE_MODEL, ImageAttachment, Message
-from assistant.model import LoadedModel
+from assistant.model import LoadedModel, attach_adapter, detach_adapter
 from assistant.prompt import PromptRenderer
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
@@ -50,6 +55,174 @@ def generation_kwargs(options: GenerationOptions) -> dict[str, Any]:
     return kwargs
 
 
+# What the language model alone takes: anything else (pixel values, image sizes, M-RoPE positions) needs the
+# family's own forward, through ``generate``.
+LANGUAGE_MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "inputs_embeds"})
+
+
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` intra-op threads (None: leave it), restoring the process-wide setting afterwards."""
+    import torch
+
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _language_model_step(model: Any, vision: bool) -> Callable[..., Any]:
+    """``step(cache, input_ids=... or inputs_embeds=...)``: extend ``cache`` and return the last position's logits.
+
+    A text model's own forward is its language model; a vision model's decoder and output head are called
+    directly, skipping the wrapper that only matters while pixels are turned into features.
+    """
+    import torch
+
+    if not vision:
+        def forward(cache: Any, **inputs: Any) -> Any:
+            return model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+        return forward
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers stay in place
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+
+    def step(cache: Any, **inputs: Any) -> Any:
+        logits = head(decoder(**inputs, cache=cache, use_cache=True).last_hidden_state[:, -1])
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    return step
+
+
+@cache
+def _growing_layer() -> type:
+    """A transformers cache layer that appends each token into spare room (doubled when full) instead of
+    concatenating its whole cache on every token, which costs O(context) per token (15% of a SmolLM2 step)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        room: tuple[Any, Any] | None = None  # (keys, values) buffers; ``keys``/``values`` are views of their start
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.get_seq_length()
+            needed = length + key_states.shape[-2]
+            room = self.room
+            fits = room is not None and room[0].shape[-2] >= needed
+            if fits and length:  # the cached tokens must still be this room's start (not a copy's, nor compacted)
+                fits = self.keys is not None and room is not None and self.keys.data_ptr() == room[0].data_ptr()
+            if room is None or not fits:
+                capacity = max(2 * needed, 64)
+                room = (key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1])),
+                        value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1])))
+                if length:
+                    room[0][..., :length, :] = self.keys
+                    room[1][..., :length, :] = self.values
+                self.room = room
+            room[0][..., length:needed, :] = key_states
+            room[1][..., length:needed, :] = value_states
+            self.keys, self.values = room[0][..., :needed, :], room[1][..., :needed, :]
+            return self.keys, self.values
+
+        def compact(self) -> None:
+            """Give the spare room back (before the cache is stored and its bytes counted)."""
+            if self.room is not None and self.keys is not None and self.values is not None:
+                self.keys, self.values = self.keys.clone(), self.values.clone()
+                self.room = None
+
+    return GrowingLayer
+
+
+def _growing_cache(config: Any) -> Any:
+    """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place (sliding-window layers stay)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    kv_cache = DynamicCache(config=config)
+    kv_cache.layers = [_growing_layer()() if type(layer) is DynamicLayer else layer for layer in kv_cache.layers]
+    return kv_cache
+
+
+def _compact(kv_cache: Any) -> None:
+    for layer in getattr(kv_cache, "layers", []):
+        if hasattr(layer, "compact"):
+            layer.compact()
+
+
+class TokenPicker:
+    """The next token from logits, as ``generate`` picks it for ``options``: repetition penalty, then (sampling)
+    temperature, top-k, top-p and one multinomial draw; greedy takes the arg-max."""
+
+    def __init__(self, options: GenerationOptions, generation_config: Any) -> None:
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.processors = LogitsProcessorList()
+        if options.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
+        self.sample = options.temperature > 0
+        if self.sample:
+            if options.temperature != 1.0:
+                self.processors.append(TemperatureLogitsWarper(options.temperature))
+            if options.top_k:
+                self.processors.append(TopKLogitsWarper(options.top_k))
+            if options.top_p < 1.0:
+                self.processors.append(TopPLogitsWarper(options.top_p))
+        eos = generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def __call__(self, sequence: Any, logits: Any) -> Any:
+        """A ``[1, 1]`` tensor holding the next token of ``sequence`` (``[1, length]``)."""
+        import torch
+
+        scores = self.processors(sequence, logits.float())
+        if self.sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+        return scores.argmax(dim=-1, keepdim=True)
+
+
+class TextChunks:
+    """transformers' streaming detokenizer (the chunks a ``TextIteratorStreamer`` yields), read in this thread."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from transformers import TextStreamer
+
+        ready: list[str] = []
+
+        class _Collect(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    ready.append(text)
+
+        self._ready = ready
+        self._streamer = _Collect(tokenizer, skip_special_tokens=True)
+
+    def put(self, token_ids: Any) -> list[str]:
+        self._streamer.put(token_ids)
+        return self._take()
+
+    def end(self) -> list[str]:
+        self._streamer.end()
+        return self._take()
+
+    def _take(self) -> list[str]:
+        taken = list(self._ready)
+        self._ready.clear()
+        return taken
+
+
 class LocalBackend:
     """Runs a ``LoadedModel`` in this process."""
 
@@ -63,6 +236,9 @@ class LocalBackend:
         self.prefix_cache = PrefixKVCache(kv_cache_bytes)
         self.feature_cache = ImageFeatureCache(feature_cache_bytes)
         self._lock = device_lock(loaded.device)
+        # A small model decodes in hundreds of tiny kernels per token: on a CPU one thread beats an OpenMP team
+        # (assistant/cpu_quant.py).
+        self._one_thread = loaded.device == "cpu" and single_thread_decode(loaded.model)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return self.renderer.count(messages)
@@ -75,12 +251,13 @@ class LocalBackend:
 
     def describe(self) -> dict[str, Any]:
         model = self.loaded.model
+        packed_elements, packed_bytes = packed_weights(model)  # CPU-packed weights are no parameters to PyTorch
         return {"model": self.loaded.name, "device": self.loaded.device, "quantization": self.loaded.quant,
                 "context_length": self.context_length, "accepts_images": self.accepts_images,
                 "adapters": self.adapter_names(), "active_adapter": self.loaded.active_adapter or BASE_MODEL,
                 **self.loaded.architecture.describe(),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "memory_bytes": int(model.get_memory_footprint())}
+                "parameters": sum(p.numel() for p in model.parameters()) + packed_elements,
+                "memory_bytes": int(model.get_memory_footprint()) + packed_bytes}
 
     def resolve_adapter(self, adapter: str | None) -> str | None:
         """The loaded adapter to run (None: the base model) for a conversation's choice."""
@@ -94,11 +271,77 @@ class LocalBackend:
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions,
                adapter: str | None = None) -> Iterator[str]:
-        """Yield text chunks; closing the iterator stops generation and releases the device."""
+        """Yield text chunks; closing the iterator stops generation and releases the device.
+
+        On a CPU the tokens are decoded here, in the caller's thread, through the language model alone
+        (``_decode_here``); ``generate`` in a worker thread serves other devices and inputs that only the
+        family's own forward understands (pixel values given to the processor, M-RoPE positions).
+        """
+        import torch
+
+        adapter = self.resolve_adapter(adapter)
+        with self._lock, self._adapter_scope(adapter), _torch_threads(1 if self._one_thread else None):
+            with torch.inference_mode():
+                inputs, cache_key = self._inputs(messages, adapter)
+            hit = self.prefix_cache.take(adapter, cache_key) if cache_key is not None else None
+            if options.seed is not None:
+                torch.manual_seed(options.seed)
+            if self.loaded.device == "cpu" and set(inputs) <= LANGUAGE_MODEL_INPUTS:
+                yield from self._decode_here(inputs, hit, cache_key, options, adapter)
+            else:
+                yield from self._generate_in_worker(inputs, hit, cache_key, options, adapter)
+
+    def _decode_here(self, inputs: dict[str, Any], hit: PrefixHit | None, cache_key: tuple[int, ...] | None,
+                     options: GenerationOptions, adapter: str | None) -> Iterator[str]:
+        """Prefill, then one token at a time, in this thread: the tokens ``generate`` picks for these inputs
+        (same logits processors, same sampling draw), without its per-token bookkeeping or a thread hand-off
+        per token. A vision model's decoder and output head run directly, so a text turn, and every token
+        after an image turn's prefill, cost what the bare language model costs."""
+        import torch
+
+        model = self.loaded.model
+        step = _language_model_step(model, self.loaded.accepts_images)
+        pick = TokenPicker(options, model.generation_config)
+        chunks = TextChunks(self.loaded.tokenizer)
+        sequence = inputs["input_ids"]
+        kv_cache = hit.cache if hit is not None else _growing_cache(model.config.get_text_config(decoder=True))
+        done = kv_cache.get_seq_length()
+        generated: list[int] = []
+        consistent = False  # the cache holds exactly the prompt and the generated tokens but the last
+        try:
+            with torch.inference_mode():
+                if "inputs_embeds" in inputs:
+                    logits = step(kv_cache, inputs_embeds=inputs["inputs_embeds"][:, done:])
+                else:
+                    logits = step(kv_cache, input_ids=sequence[:, done:])
+            consistent = True
+            while True:
+                with torch.inference_mode():
+                    token = pick(sequence, logits)
+                sequence = torch.cat([sequence, token], dim=-1)
+                generated.append(int(token))
+                yield from chunks.put(token[0])
+                if generated[-1] in pick.eos or len(generated) >= options.max_new_tokens:
+                    break
+                consistent = False
+                with torch.inference_mode():
+                    logits = step(kv_cache, input_ids=token)
+                consistent = True
+            yield from chunks.end()
+        finally:
+            if consistent and cache_key is not None:
+                _compact(kv_cache)
+                length = kv_cache.get_seq_length()
+                self.prefix_cache.store(adapter, (cache_key + tuple(generated))[:length], kv_cache)
+
+    def _generate_in_worker(self, inputs: dict[str, Any], hit: PrefixHit | None,
+                            cache_key: tuple[int, ...] | None, options: GenerationOptions,
+                            adapter: str | None) -> Iterator[str]:
+        """``generate`` in a worker thread feeding a ``TextIteratorStreamer``; stops at the next token once the
+        consumer closes the stream."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        adapter = self.resolve_adapter(adapter)
         stop = threading.Event()
 
         class _StopWhenAsked(StoppingCriteria):
@@ -108,45 +351,33 @@ class LocalBackend:
         model = self.loaded.model
         streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
+        if hit is not None:
+            inputs = {**inputs, "cache": hit.cache}
 
         def run() -> None:
-            threads = torch.get_num_threads()
-            if self.loaded.quant == "int8":
-                # PyTorch's dynamic int8 kernels are tiny per token; from a non-main thread, a 2-thread OpenMP
-                # team made them ~3x slower (measured: 40 vs 71 tok/s on SmolLM2, 2 cores). One thread wins.
-                torch.set_num_threads(1)
             try:
-                with torch.inference_mode(), self._adapter_scope(adapter):
-                    inputs, cache_key = self._inputs(messages, adapter)
-                    hit = self.prefix_cache.take(adapter, cache_key) if cache_key is not None else None
-                    if hit is not None:
-                        inputs["cache"] = hit.cache
-                    if options.seed is not None:
-                        torch.manual_seed(options.seed)
+                with torch.inference_mode():
                     output = model.generate(**inputs, **generation_kwargs(options), streamer=streamer,
                                             stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
                                             pad_token_id=self.loaded.tokenizer.pad_token_id,
                                             return_dict_in_generate=True)
-                    if cache_key is not None and getattr(output, "cache", None) is not None:
-                        length = output.cache.get_seq_length()
-                        generated = tuple(output.sequences[0][len(cache_key):length].tolist())
-                        self.prefix_cache.store(adapter, (cache_key + generated)[:length], output.cache)
+                if cache_key is not None and getattr(output, "cache", None) is not None:
+                    length = output.cache.get_seq_length()
+                    generated = tuple(output.sequences[0][len(cache_key):length].tolist())
+                    self.prefix_cache.store(adapter, (cache_key + generated)[:length], output.cache)
             except BaseException as exc:  # re-raised in the consumer thread below
                 failure.append(exc)
                 streamer.end()
-            finally:
-                torch.set_num_threads(threads)  # the thread count is process-wide in PyTorch
 
-        with self._lock:
-            worker = threading.Thread(target=run, name="iris-generate", daemon=True)
-            worker.start()
-            try:
-                for chunk in streamer:
-                    if chunk:
-                        yield chunk
-            finally:
-                stop.set()
-                worker.join()
+        worker = threading.Thread(target=run, name="iris-generate", daemon=True)
+        worker.start()
+        try:
+            for chunk in streamer:
+                if chunk:
+                    yield chunk
+        finally:
+            stop.set()
+            worker.join()
         if failure:
             raise failure[0]
 
@@ -218,9 +449,34 @@ class LocalBackend:
         from contextlib import nullcontext
 
         model = self.loaded.model
+        if adapter is not None and adapter not in self.loaded.adapters:  # unloaded after the request resolved it
+            raise BadAdapter(f"adapter {adapter!r} was unloaded")
         if not self.loaded.adapters:
             return nullcontext()
         if adapter is None:
             return model.disable_adapter()
         model.set_adapter(adapter)
         return nullcontext()
+
+    def load_adapter(self, path: str, name: str | None = None) -> str:
+        """Attach a LoRA adapter to the running model (``/adapter load``) and make it the active one; returns its
+        name. It waits for the generation in progress: none runs while PEFT changes the model's layers.
+
+        A projector-only directory replaces the projector for every adapter, so cached image features and the
+        KV caches built on them are all stale.
+        """
+        with self._lock:
+            adapters = len(self.loaded.adapters)
+            attached = attach_adapter(self.loaded, path, name=name)
+            if len(self.loaded.adapters) == adapters:  # a projector, not a LoRA
+                self.feature_cache.clear()
+                self.prefix_cache.clear()
+            return attached
+
+    def unload_adapter(self, name: str) -> None:
+        """Detach a loaded adapter (``/adapter unload``) once no generation runs, and forget what was computed
+        with it, so a later adapter of the same name starts from clean caches."""
+        with self._lock:
+            detach_adapter(self.loaded, name)
+            self.prefix_cache.drop_adapter(name)
+            self.feature_cache.drop_adapter(name)

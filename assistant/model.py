@@ -231,7 +231,13 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     device = resolve_device(options.device)  # first: a missing device fails before any conversion
     source, name = resolve_source(options, paths, progress)
     cuda = _is_cuda(device)
-    quant = options.quant if options.quant != "auto" else ("4bit" if cuda else "none")
+    quant = options.quant
+    if quant == "auto":
+        # NF4 on CUDA; on an x86 CPU fp16 weights: about 2.4x fp32's decode speed with the same greedy tokens
+        # (assistant/cpu_quant.py, bench/int8_agreement.py); full precision elsewhere.
+        from assistant.cpu_quant import half_weights_supported
+
+        quant = "4bit" if cuda else "fp16" if device == "cpu" and half_weights_supported() else "none"
     if quant == "int8" and device != "cpu":
         raise BadSetting("--quant int8 is the CPU path; on a GPU use 4bit or 8bit")
     progress(f"loading {name} on {device} ({quant})")
@@ -247,17 +253,17 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
         model.to(device)  # type: ignore[arg-type]
     model.eval()
     loaded = LoadedModel(model=model, tokenizer=tokenizer, processor=processor, architecture=architecture,
-                         name=name, device=device, quant="none" if quant == "int8" else quant,
+                         name=name, device=device, quant="none" if quant in ("int8", "fp16") else quant,
                          context_length=context_length_of(config), fingerprint=base_fingerprint(config))
     for adapter in options.adapters:
         progress(f"attaching adapter {adapter}")
         attach_adapter(loaded, adapter, trust_pickle=options.trust_pickle)
-    if quant == "int8":  # after the adapters: PEFT cannot wrap dynamically quantized layers
-        from assistant.cpu_quant import quantize_int8
+    if quant in ("int8", "fp16"):  # after the adapters: PEFT cannot wrap int8 layers (it wraps fp16 ones later)
+        from assistant.cpu_quant import quantize_half, quantize_int8
 
-        progress("quantizing to int8")
-        quantize_int8(loaded.model, architecture)
-        loaded.quant = "int8"
+        progress(f"packing the language model's weights in {quant}")
+        (quantize_int8 if quant == "int8" else quantize_half)(loaded.model, architecture)
+        loaded.quant = quant
     return loaded
 
 
@@ -273,7 +279,7 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
 
     path = Path(path_text).expanduser()
     if loaded.quant == "int8":
-        raise BadAdapter("with --quant int8, adapters attach at load time: pass them with --adapter")
+        raise BadAdapter(INT8_ADAPTERS)
     config = check_adapter_dir(path, loaded.fingerprint, trust_pickle=trust_pickle)
     name = name or path.name
     if not config:  # a projector-only directory
@@ -286,10 +292,7 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
     base = loaded.model.get_base_model() if isinstance(loaded.model, PeftModel) else loaded.model
     check_adapter_weights(path, base)
     try:
-        if isinstance(loaded.model, PeftModel):
-            loaded.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        else:
-            loaded.model = PeftModel.from_pretrained(loaded.model, str(path), adapter_name=name, is_trainable=False)
+        _peft_attach(loaded, path, name)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         message = one_line(exc)
         if "size mismatch" in message or "not found in the base model" in message or "Target modules" in message:
@@ -301,3 +304,57 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
     loaded.adapters[name] = str(path)
     loaded.active_adapter = name
     return name
+
+
+INT8_ADAPTERS = ("with --quant int8, adapters attach at load time only (PEFT cannot wrap or unwrap dynamically "
+                 "quantized layers): restart with the --adapter options you want")
+
+
+def _peft_attach(loaded: LoadedModel, path: Path, name: str) -> None:
+    """Let PEFT attach the adapter; if it fails part way (it injects LoRA layers before it loads their
+    weights), undo what it did, so the model is exactly as before."""
+    from peft import PeftModel
+
+    model = loaded.model
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        else:
+            loaded.model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+    except BaseException:
+        if isinstance(model, PeftModel):
+            if name in model.peft_config:
+                model.delete_adapter(name)
+        else:
+            _strip_lora_layers(model)
+        raise
+
+
+def _strip_lora_layers(model: Any) -> None:
+    """Put each PEFT layer's base layer back in its place and drop PEFT's mark on the model (what PEFT's
+    ``unload`` does, for a model PEFT never finished wrapping)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for key, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child_name = key.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+
+
+def detach_adapter(loaded: LoadedModel, name: str) -> None:
+    """Remove a LoRA adapter from the running model (``/adapter unload``). If it was the active one, the
+    adapter attached before it (the last one still loaded) becomes active, or the base model if none is left;
+    once the last adapter goes, the model is the plain base again, as before the first attach."""
+    if loaded.quant == "int8":
+        raise BadAdapter(INT8_ADAPTERS)
+    if name not in loaded.adapters:
+        raise BadAdapter(f"no adapter named {name!r} is loaded (loaded: {', '.join(loaded.adapters) or 'none'})")
+    loaded.model.delete_adapter(name)
+    del loaded.adapters[name]
+    if not loaded.adapters:
+        loaded.model = loaded.model.unload()
+        loaded.model.eval()
+    if loaded.active_adapter == name:
+        loaded.active_adapter = next(reversed(loaded.adapters), None)

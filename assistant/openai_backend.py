@@ -35,6 +35,8 @@ IMAGE_TOKEN_ESTIMATE = 768
 MAX_LINE_BYTES = 1 << 20
 MAX_BODY_BYTES = 8 << 20
 MAX_ERROR_BYTES = 64 << 10
+SERVER_ADAPTERS = ("the server loads adapters itself; load it where the server runs (iris serve --adapter PATH, "
+                   "vLLM --lora-modules NAME=PATH) and choose it here by name with /adapter NAME")
 
 
 class OpenAIBackend:
@@ -64,6 +66,11 @@ class OpenAIBackend:
         return IMAGE_TOKEN_ESTIMATE
 
     def adapter_names(self) -> list[str]:
+        """The served models besides ``model``, asked afresh: a server (``iris serve``) may load adapters as it runs."""
+        self._served = None
+        return self._adapters()
+
+    def _adapters(self) -> list[str]:
         return [entry["id"] for entry in self.served_models() if entry["id"] != self.model]
 
     def describe(self) -> dict[str, Any]:
@@ -76,7 +83,7 @@ class OpenAIBackend:
                adapter: str | None = None) -> Iterator[str]:
         if adapter == BASE_MODEL:
             adapter = None
-        if adapter is not None and adapter not in self.adapter_names():
+        if adapter is not None and adapter not in self._adapters() and adapter not in self.adapter_names():
             raise BadAdapter(f"the server does not serve an adapter named {adapter!r}")
         payload = {"model": adapter or self.model, "messages": [_wire_message(m) for m in messages],
                    "stream": True, **_sampling(options)}
@@ -90,6 +97,12 @@ class OpenAIBackend:
                                f"({_clean(error) or type(error).__name__})") from None
         finally:
             response.close()
+
+    def load_adapter(self, path: str, name: str | None = None) -> str:
+        raise BadAdapter(SERVER_ADAPTERS)
+
+    def unload_adapter(self, name: str) -> None:
+        raise BadAdapter(SERVER_ADAPTERS)
 
     # server ------------------------------------------------------------------
 

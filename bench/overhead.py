@@ -1,84 +1,91 @@
-"""Decode speed through Iris's DialogueManager vs a bare ``model.generate`` on the same model and prompt.
+"""What the vision wrapper costs at decode: the default vision model against its bare language model.
 
-Both runs are greedy with the same prompt and produce the same tokens; runs
-alternate and the median of each is compared (target ratio >= 0.95).
-Run: ``python bench/overhead.py [--quant none|int8|4bit]``.
+Decode speed (tokens after the first one, per second, through ``DialogueManager``) of the bare SmolLM2 (the GGUF as
+``--model``) on a text turn, and of the default vision model on a text turn and on an image turn (after the image's
+prefill). Both run the language model alone per token, so the ratios should be >= 0.95. Runs alternate; medians of
+each are compared. Run: ``python bench/overhead.py [--quant auto|none|int8]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from assistant.builders.default_model import with_default_model  # noqa: E402
+from assistant.builders.default_model import embedded_gguf_path, with_default_model  # noqa: E402
 from assistant.config import GenerationOptions, ModelOptions, Paths  # noqa: E402
 from assistant.dialogue import DialogueManager  # noqa: E402
 from assistant.engine import LocalBackend  # noqa: E402
-from assistant.messages import Message, Role  # noqa: E402
+from assistant.messages import ImageAttachment  # noqa: E402
 from assistant.model import load  # noqa: E402
 from assistant.store import Store  # noqa: E402
+from assistant.vision import load_image_bytes  # noqa: E402
 
 QUESTION = "Write a long story about a lighthouse keeper and a storm."
+IMAGE_QUESTION = "Describe this picture, then write a long story about it."
 NEW_TOKENS = 96
 ROUNDS = 3
 
 
-def bare_generate(loaded, prompt_ids) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    """``generate`` on a worker thread, as Iris runs it: on a loaded 2-core machine the main
-    thread's OpenMP pool was measured ~10x slower than a worker's, which would flatter Iris."""
-    import torch
+def astronaut() -> ImageAttachment:
+    from PIL import Image
+    from skimage import data
 
-    result: list[tuple[float, int]] = []
-
-    def work() -> None:
-        started = time.perf_counter()
-        with torch.inference_mode():
-            output = loaded.model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
-                                           max_new_tokens=NEW_TOKENS, pad_token_id=loaded.tokenizer.pad_token_id)
-        result.append((time.perf_counter() - started, int(output.shape[1] - prompt_ids.shape[1])))
-
-    worker = threading.Thread(target=work)
-    worker.start()
-    worker.join()
-    return result[0]
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+    return load_image_bytes(buffer.getvalue(), "astronaut.png")
 
 
-def through_iris(backend: LocalBackend, store: Store) -> tuple[float, int, str]:
+def decode_rate(backend: LocalBackend, store: Store, question: str, images: list[ImageAttachment]) -> float:
+    """Tokens per second after the first chunk of a greedy answer (the prefill is not counted)."""
     manager = DialogueManager(backend, store, default_system_prompt=None,
-                              default_options=GenerationOptions(temperature=0, max_new_tokens=NEW_TOKENS))
-    conversation = manager.new_conversation()
+                              default_options=GenerationOptions(temperature=0, max_new_tokens=NEW_TOKENS,
+                                                                repetition_penalty=1.0))
+    turn = manager.send(manager.new_conversation(), question, images)
+    stream = iter(turn)
+    first = next(stream)
     started = time.perf_counter()
-    text = manager.send(conversation, QUESTION).run()
-    elapsed = time.perf_counter() - started
-    return elapsed, len(backend.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]), text
+    rest = "".join(stream)
+    seconds = time.perf_counter() - started
+    tokens = backend.loaded.tokenizer
+    return (len(tokens(first + rest)["input_ids"]) - len(tokens(first)["input_ids"])) / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quant", default="none")
-    args = parser.parse_args()
-    loaded = load(with_default_model(ModelOptions(quant=args.quant), Paths.default()), Paths.default())
-    backend = LocalBackend(loaded, kv_cache_bytes=0)  # a cold prompt each round, like the bare loop
-    prompt_ids = backend.renderer.encode([Message(Role.USER, QUESTION)])["input_ids"]
-    bare_rates, iris_rates = [], []
+    parser.add_argument("--quant", default="auto")
+    quant = parser.parse_args().quant
+    paths = Paths.default()
+    load_average = os.getloadavg()[0]
+    vision = LocalBackend(load(with_default_model(ModelOptions(quant=quant), paths), paths), kv_cache_bytes=0)
+    bare = LocalBackend(load(ModelOptions(model=str(embedded_gguf_path()), quant=quant), paths), kv_cache_bytes=0)
+    image = astronaut()
+    cases = {"bare language model, text turn": (bare, QUESTION, []),
+             "vision model, text turn": (vision, QUESTION, []),
+             "vision model, image turn": (vision, IMAGE_QUESTION, [image])}
+    rates: dict[str, list[float]] = {name: [] for name in cases}
     with tempfile.TemporaryDirectory() as work:
-        bare_generate(loaded, prompt_ids)  # warm-up
-        for round_index in range(ROUNDS):
-            seconds, tokens = bare_generate(loaded, prompt_ids)
-            bare_rates.append(tokens / seconds)
-            seconds, iris_tokens, _ = through_iris(backend, Store(Path(work) / f"{round_index}.db"))
-            iris_rates.append(iris_tokens / seconds)
-    bare, iris = statistics.median(bare_rates), statistics.median(iris_rates)
-    print(f"model: {loaded.name} ({loaded.quant}, {loaded.device}); {NEW_TOKENS} greedy tokens, {ROUNDS} rounds")
-    print(f"bare model.generate: {bare:.1f} tok/s   through DialogueManager: {iris:.1f} tok/s")
-    print(f"ratio Iris / bare: {iris / bare:.3f} (target >= 0.95)")
+        for round_index in range(ROUNDS + 1):  # the first round warms up
+            for name, (backend, question, images) in cases.items():
+                rate = decode_rate(backend, Store(Path(work) / f"{round_index}-{len(rates[name])}.db"), question,
+                                   images)
+                if round_index:
+                    rates[name].append(rate)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"decode tokens/s after the first token, {NEW_TOKENS} greedy tokens, --quant {quant} "
+          f"({vision.loaded.quant}), median of {ROUNDS} alternating rounds, load average {load_average:.1f}")
+    for name, rate in medians.items():
+        print(f"{name:<34} {rate:6.1f} tok/s")
+    base = medians["bare language model, text turn"]
+    for name in ("vision model, text turn", "vision model, image turn"):
+        print(f"{name} / bare language model: {medians[name] / base:.2f} (target >= 0.95)")
 
 
 if __name__ == "__main__":

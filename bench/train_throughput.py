@@ -27,7 +27,7 @@ def iris_rate(work: Path, model_dir: Path, data: Path, run: int, cache: bool) ->
     from adapters.train import TrainOptions, train
 
     result = train(TrainOptions(data=data, out=work / f"iris-{cache}-{run}", model=str(model_dir), steps=STEPS,
-                                batch_size=BATCH, lora_r=8, lora_alpha=16, cache_features=cache),
+                                stage="lora", batch_size=BATCH, lora_r=8, lora_alpha=16, cache_features=cache),
                    show_progress=False)
     return STEPS * BATCH / result.seconds
 

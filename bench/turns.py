@@ -1,33 +1,40 @@
-"""Time to first token across a 20-turn conversation with 2 images, with and without caches.
+"""Time to first token across 20-turn conversations on the default (vision) model, as users get it.
 
-Uses the default (vision) model. Prints TTFT per turn for both runs side by side and the turn-20 / turn-1 ratios
-(target with caching: <= 1.5). Run: ``python bench/turns.py``.
+1. Images in turns 1 and 2 only, with and without caches: TTFT per turn side by side, and the turn-20 / turn-1
+   ratios (target with caching: <= 1.5), and whether greedy answers are identical with and without caches.
+2. One new image in every turn (20 images): TTFT at turn 1 and turn 20 (target turn-20 / turn-1 <= 1.5), and how
+   often each image was decoded and run through the vision tower (target: once per image per process).
+Run: ``python bench/turns.py``.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import assistant.vision  # noqa: E402
+from adapters.synth import synthesize  # noqa: E402
 from assistant.builders.default_model import with_default_model  # noqa: E402
 from assistant.config import GenerationOptions, ModelOptions, Paths  # noqa: E402
 from assistant.dialogue import DialogueManager  # noqa: E402
 from assistant.engine import LocalBackend  # noqa: E402
-from assistant.model import load  # noqa: E402
+from assistant.messages import ImageAttachment  # noqa: E402
+from assistant.model import LoadedModel, load  # noqa: E402
 from assistant.store import Store  # noqa: E402
-from assistant.vision import load_image_bytes  # noqa: E402
+from assistant.vision import load_image_bytes, load_image_path  # noqa: E402
 
 TURNS = 20
 OPTIONS = GenerationOptions(temperature=0, max_new_tokens=24)
 
 
-def sample_images() -> list:  # type: ignore[type-arg]
-    import io
-
+def sample_images() -> list[ImageAttachment]:
     from PIL import Image
     from skimage import data
 
@@ -39,13 +46,13 @@ def sample_images() -> list:  # type: ignore[type-arg]
     return images
 
 
-def run(backend: LocalBackend, store: Store, images: list) -> tuple[list[float], list[str]]:  # type: ignore[type-arg]
+def run(backend: LocalBackend, store: Store,
+        images_per_turn: list[list[ImageAttachment]]) -> tuple[list[float], list[str]]:
     manager = DialogueManager(backend, store, default_system_prompt="You are a helpful AI assistant named Iris.",
                               default_options=OPTIONS)
     conversation = manager.new_conversation()
     ttft, answers = [], []
-    for turn in range(TURNS):
-        attached = [images[turn % 2]] if turn < 2 else []
+    for turn, attached in enumerate(images_per_turn):
         started = time.perf_counter()
         turn_stream = manager.send(conversation, f"Turn {turn + 1}: tell me one short fact about it.", attached)
         stream = iter(turn_stream)
@@ -57,26 +64,60 @@ def run(backend: LocalBackend, store: Store, images: list) -> tuple[list[float],
     return ttft, answers
 
 
-def main() -> None:
-    with tempfile.TemporaryDirectory() as work_dir:
-        work = Path(work_dir)
-        images = sample_images()
-        loaded = load(with_default_model(ModelOptions(quant="none"), Paths.default()), Paths.default())
-        cached = LocalBackend(loaded)
-        uncached = LocalBackend(loaded, kv_cache_bytes=0, feature_cache_bytes=0)
-        run(uncached, Store(work / "warmup.db"), images)  # warm up kernels and allocators once
-        with_caches, cached_answers = run(cached, Store(work / "cached.db"), images)
-        without, uncached_answers = run(uncached, Store(work / "uncached.db"), images)
-    print(f"model: {loaded.name} ({loaded.quant}, {loaded.device}); {TURNS} turns, images in turns 1 and 2")
+def two_images(loaded: LoadedModel, work: Path) -> None:
+    images = sample_images()
+    per_turn = [[images[turn % 2]] if turn < 2 else [] for turn in range(TURNS)]
+    cached = LocalBackend(loaded)
+    uncached = LocalBackend(loaded, kv_cache_bytes=0, feature_cache_bytes=0)
+    run(uncached, Store(work / "warmup.db"), per_turn)  # warm up kernels and allocators once
+    with_caches, cached_answers = run(cached, Store(work / "cached.db"), per_turn)
+    without, uncached_answers = run(uncached, Store(work / "uncached.db"), per_turn)
+    print(f"1. {TURNS} turns, images in turns 1 and 2")
     print("turn  ttft cached (s)  ttft uncached (s)")
     for index, (warm, cold) in enumerate(zip(with_caches, without, strict=True)):
         print(f"{index + 1:>4}  {warm:>15.3f}  {cold:>17.3f}")
-    cached_ratio = with_caches[-1] / with_caches[0]
-    uncached_ratio = without[-1] / without[0]
-    print(f"turn-20 / turn-1 TTFT: cached {cached_ratio:.2f} (target <= 1.5), uncached {uncached_ratio:.2f}")
+    print(f"turn-20 / turn-1 TTFT: cached {with_caches[-1] / with_caches[0]:.2f} (target <= 1.5), "
+          f"uncached {without[-1] / without[0]:.2f}")
     print(f"turn-20 uncached / cached: {without[-1] / with_caches[-1]:.2f}x")
     print(f"greedy answers identical with and without caches: {cached_answers == uncached_answers}")
     print(f"prefix cache: {cached.prefix_cache.hits} hits, {cached.prefix_cache.used_bytes / 2**20:.1f} MiB")
+
+
+def image_every_turn(loaded: LoadedModel, work: Path) -> None:
+    dataset = synthesize(work / "shapes", TURNS, seed=2024).parent
+    images = [load_image_path(path) for path in sorted((dataset / "images").iterdir())]
+    backend = LocalBackend(loaded)
+    decodes: Counter[str] = Counter()
+    real_to_pil = assistant.vision.to_pil
+
+    def counted(image: ImageAttachment):  # type: ignore[no-untyped-def]
+        decodes[image.sha256] += 1
+        return real_to_pil(image)
+
+    assistant.vision.to_pil = counted
+    tower_runs: list[int] = []
+    tower = backend.loaded.model.get_submodule(backend.loaded.architecture.vision_tower or "")
+    hook = tower.register_forward_hook(lambda module, args, output: tower_runs.append(args[0].shape[0]))
+    try:
+        ttft, _ = run(backend, Store(work / "every-turn.db"), [[image] for image in images])
+    finally:
+        hook.remove()
+        assistant.vision.to_pil = real_to_pil
+    print(f"2. {TURNS} turns, a new image in every turn")
+    print(f"TTFT turn 1 {ttft[0]:.3f} s, turn 10 {ttft[9]:.3f} s, turn 20 {ttft[-1]:.3f} s; "
+          f"turn-20 / turn-1 {ttft[-1] / ttft[0]:.2f} (target <= 1.5)")
+    print(f"decoded {sum(decodes.values())} times and encoded {sum(tower_runs)} times for {len(images)} images "
+          f"(target: once each)")
+
+
+def main() -> None:
+    paths = Paths.default()
+    load_average = os.getloadavg()[0]
+    loaded = load(with_default_model(ModelOptions(), paths), paths)
+    print(f"model: {loaded.name} ({loaded.quant}, {loaded.device}); load average at the start {load_average:.1f}")
+    with tempfile.TemporaryDirectory() as work_dir:
+        two_images(loaded, Path(work_dir))
+        image_every_turn(loaded, Path(work_dir))
 
 
 if __name__ == "__main__":

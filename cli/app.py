@@ -25,6 +25,7 @@ from cli.build_cmd import build
 from cli.data_cmd import data_app
 from cli.discord_cmd import discord
 from cli.errors import DEBUG_ENV, IrisGroup
+from cli.eval_cmd import evaluate
 from cli.options import (
     AdapterOption,
     ApiKeyEnvOption,
@@ -34,6 +35,8 @@ from cli.options import (
     QuantOption,
     TrustPickleOption,
 )
+from cli.quiet import VERBOSE_ENV, quiet_libraries, verbose_enabled
+from cli.serve_cmd import serve
 from cli.terminal import VisibleStream, make_console, styled, visible_json
 from cli.train_cmd import train
 
@@ -45,10 +48,17 @@ app.add_typer(history_app, name="history")
 
 @app.callback()
 def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors "
-                                             f"(also {DEBUG_ENV}=1).")] = False) -> None:
+                                             f"(also {DEBUG_ENV}=1).")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", help="Also show the progress bars, notices and warnings "
+                                               f"of the libraries Iris uses (also {VERBOSE_ENV}=1).")] = False,
+         ) -> None:
     """Iris: a local multimodal assistant."""
     if debug:
         os.environ[DEBUG_ENV] = "1"  # read by the error boundary, also in child processes
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # child processes (training under accelerate) stay verbose too
+    if not verbose_enabled():
+        quiet_libraries()  # before any command imports torch, transformers or bitsandbytes
 
 
 @app.command()
@@ -61,7 +71,7 @@ def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
          plain: Annotated[bool, typer.Option("--plain", help="Print answers as plain text, not Markdown.")] = False,
          ) -> None:
     """Chat in the terminal; attach images with /image PATH or by typing their paths."""
-    from cli.chat import ChatSession, parse_conversation_id, print_transcript
+    from cli.chat import ChatSession, branch_marks, parse_conversation_id, print_transcript
     from cli.prompt_input import make_reader
 
     paths = Paths.default()
@@ -76,7 +86,7 @@ def chat(model: ModelOption = None, quant: QuantOption = None, adapter: AdapterO
             if conversation_id is None:
                 raise IrisError("no stored conversation to resume")
             manager.conversation(conversation_id)
-            print_transcript(console, manager.history(conversation_id))
+            print_transcript(console, manager.history(conversation_id), branch_marks(manager.branches(conversation_id)))
         else:
             conversation_id = manager.new_conversation()
         info = manager.backend.describe()
@@ -177,8 +187,8 @@ IdArgument = Annotated[str, typer.Argument(help="Conversation id (see `iris hist
 
 @history_app.command("show")
 def history_show(conversation_id: IdArgument) -> None:
-    """Print one conversation."""
-    from cli.chat import parse_conversation_id, print_transcript
+    """Print one conversation's current branch, marking where it branches ("branch 2 of 3")."""
+    from cli.chat import branch_marks, parse_conversation_id, print_transcript
 
     number = parse_conversation_id(conversation_id)
 
@@ -187,7 +197,7 @@ def history_show(conversation_id: IdArgument) -> None:
         console = make_console(soft_wrap=True)
         if record.system_prompt:
             console.print(styled(f"system: {record.system_prompt}"))
-        print_transcript(console, store.thread(number))
+        print_transcript(console, store.thread(number), branch_marks(store.forks(number)))
 
     _with_store(show)
 
@@ -198,7 +208,7 @@ def history_export(conversation_ids: Annotated[list[str], typer.Argument(
                    out: Annotated[Path, typer.Option("--out", "-o", help="New or empty directory to write into.")],
                    force: Annotated[bool, typer.Option("--force", help="Write into a directory that is not empty, "
                                                        "replacing its dataset.json.")] = False) -> None:
-    """Write conversations as LLaVA JSON (dataset.json + images/) for training."""
+    """Write conversations (each its current branch) as LLaVA JSON (dataset.json + images/) for training."""
     from cli.chat import parse_conversation_id
 
     numbers = list(dict.fromkeys(parse_conversation_id(text) for text in conversation_ids))
@@ -233,8 +243,10 @@ def history_delete(conversation_id: IdArgument) -> None:
 
 # Front ends and tools defined in their own modules, listed after chat/ask/info/history in --help.
 app.command("discord")(discord)
+app.command("serve")(serve)
 app.command("build")(build)
 app.command("train")(train)
+app.command("eval")(evaluate)
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 

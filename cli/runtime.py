@@ -49,15 +49,11 @@ def open_backend(settings: Settings, paths: Paths) -> ChatBackend:
     """Load the model with a progress line on stderr (stdout stays clean for ``iris ask``)."""
     if settings.backend.kind == "openai":
         return open_server_backend(settings)
-    from transformers.utils import logging as hf_logging
-
     from assistant import model as model_loading
     from assistant.builders.default_model import with_default_model
     from assistant.engine import LocalBackend
 
-    # One status line with the current stage instead of transformers' tqdm bars and notices.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    # One status line with the current step (libraries' own bars and notices are off: cli.quiet).
     with make_console(stderr=True).status("loading model…") as status:
         def progress(text: str) -> None:
             status.update(styled(text))  # paths in the text are data, never markup

@@ -113,3 +113,84 @@ def test_export_loads_with_plain_transformers_and_matches_base_plus_adapter(tiny
             base_only = adapted.model.generate(**inputs, **greedy)
     assert torch.equal(actual, expected)
     assert not torch.equal(base_only, expected)  # the adapter really is in the exported weights
+
+
+TEXT_ONLY_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                      "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                      "{% endif %}")
+
+
+def test_export_of_a_composed_model_works_the_standard_transformers_way(tmp_path: Path) -> None:
+    """`iris build` keeps the LLM's text-only template (SmolLM2's concatenates strings), which fails on typed image
+    parts; the export's template takes them and renders what Iris rendered, so the standard
+    ``apply_chat_template`` + ``generate`` answers as base + adapter did."""
+    from tiny_models import save_strong_lora, save_tiny_llama
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+        Dinov2Config,
+        Dinov2Model,
+    )
+
+    from assistant.builders.compose import compose_llava
+
+    llm = save_tiny_llama(tmp_path / "llm")
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    tokenizer.chat_template = TEXT_ONLY_TEMPLATE
+    tokenizer.save_pretrained(llm)
+    torch.manual_seed(1)
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=14, image_size=28)).save_pretrained(tmp_path / "tower")
+    built = compose_llava(llm, tmp_path / "tower", tmp_path / "built", image_size=28)
+    typed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    with pytest.raises(TypeError, match="can only concatenate str"):
+        AutoProcessor.from_pretrained(built).apply_chat_template(typed, add_generation_prompt=True)
+    adapter = save_strong_lora(built, tmp_path / "strong", seed=2, vision=True)
+    done = _invoke("adapters", "export", adapter, "--out", tmp_path / "export", "--model", built)
+    assert done.exit_code == 0, done.output
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "export")
+    prompt = processor.apply_chat_template(typed, add_generation_prompt=True)
+    image = load_image_path(_png(tmp_path))
+    adapted = load(ModelOptions(model=str(built), quant="none", adapters=(str(adapter),)), Paths.default())
+    messages = [Message(Role.USER, "What is this?", (image,))]
+    assert prompt == PromptRenderer(adapted.tokenizer, adapted.processor).text(messages)  # what Iris sent
+    assert processor.apply_chat_template([{"role": "user", "content": "plain text"}], add_generation_prompt=True) \
+        == "<|im_start|>user\nplain text<|im_end|>\n<|im_start|>assistant\n"  # string contents as before
+    from PIL import Image
+
+    picture = Image.open(tmp_path / "red.png").convert("RGB")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export")
+    greedy = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": processor.tokenizer.pad_token_id}
+    with torch.no_grad():
+        standard = model.generate(**processor(images=picture, text=prompt, return_tensors="pt"), **greedy)
+        with_picture = [{"role": "user", "content": [{"type": "image", "image": picture},
+                                                     {"type": "text", "text": "What is this?"}]}]
+        chat_inputs = processor.apply_chat_template(
+            with_picture, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        tokenized = model.generate(**chat_inputs, **greedy)
+        expected = adapted.model.generate(**PromptRenderer(adapted.tokenizer, adapted.processor).encode(messages),
+                                          **greedy)
+    assert torch.equal(standard, expected) and torch.equal(tokenized, expected)
+
+
+def _png(directory: Path) -> Path:
+    from PIL import Image
+
+    path = directory / "red.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    return path
+
+
+def test_train_with_no_other_flag_chains_the_stages_under_the_dataset_name(tiny: dict[str, Path]) -> None:
+    done = _invoke("train", tiny["data"], "--model", tiny["llava"], "--epochs", "4")
+    assert done.exit_code == 0, done.output
+    out = Paths.default().data / "adapters" / "shapes"
+    assert f"wrote {out} (4 steps: projector 1 + lora 3, loss " in done.output  # 4 samples: one batch per epoch
+    assert f"use it: iris ask -m {tiny['llava']} --adapter {out}" in done.output
+    manifest = json.loads((out / "iris_manifest.json").read_text())
+    assert manifest["kind"] == "lora" and manifest["training"]["system_prompt"] == \
+        "You are a helpful AI assistant named Iris."
+    assert [m["stage"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == \
+        ["projector", "lora", "lora", "lora"]

@@ -191,3 +191,52 @@ def test_int8_cpu_path_keeps_adapters_switchable(model_dirs: dict[str, Path], tm
     assert tower_linears and all(type(m) is torch.nn.Linear for m in tower_linears)
     assert isinstance(modules["model.language_model.layers.0.self_attn.q_proj"], DynamicInt8Linear)
     assert "".join(LocalBackend(llava).stream(_user("see", load_image_path(sample_png)), GREEDY))
+
+
+def test_the_cpu_default_packs_language_model_weights_in_fp16(model_dirs: dict[str, Path], sample_png: Path) -> None:
+    """``--quant auto`` on a CPU: the language model's Linear layers hold fp16 weights (fp32 products), the vision
+    tower and projector stay fp32, and the logits stay within fp16 rounding of full precision."""
+    from assistant.cpu_quant import half_weights_supported
+
+    if not half_weights_supported():
+        pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
+    full = load(ModelOptions(model=str(model_dirs["llava"]), quant="none"), Paths.default())
+    loaded = load(ModelOptions(model=str(model_dirs["llava"])), Paths.default())
+    assert loaded.quant == "fp16"
+    modules = dict(loaded.model.named_modules())
+    packed = [name for name, module in modules.items() if getattr(module, "packed", None) is not None]
+    assert packed and all(name.startswith("model.language_model.") or name == "lm_head" for name in packed)
+    assert all(type(m) is torch.nn.Linear for n, m in modules.items() if "vision_tower" in n or "projector" in n
+               if isinstance(m, torch.nn.Linear))
+    backend = LocalBackend(loaded)
+    info = backend.describe()
+    assert info["quantization"] == "fp16" and info["parameters"] == sum(p.numel() for p in full.model.parameters())
+    messages = _user("see", load_image_path(sample_png))
+    inputs = backend.renderer.encode(messages)
+    with torch.inference_mode():
+        assert (loaded.model(**inputs).logits - full.model(**inputs).logits).abs().max() < 1e-2
+    assert "".join(backend.stream(messages, GREEDY)) == "".join(LocalBackend(full).stream(messages, GREEDY))
+
+
+def test_adapters_attach_switch_and_detach_on_fp16_weights(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """PEFT wraps the fp16 layers like full-precision ones: an adapter attached after load answers as it does on
+    full precision, and detaching it gives the base model back."""
+    from assistant.cpu_quant import half_weights_supported
+    from assistant.model import detach_adapter
+
+    if not half_weights_supported():
+        pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
+    adapter = save_strong_lora(model_dirs["llama"], tmp_path / "pirate", seed=8)
+    loaded = load(ModelOptions(model=str(model_dirs["llama"])), Paths.default())
+    backend = LocalBackend(loaded)
+    messages = _user("hi")
+    plain = "".join(backend.stream(messages, GREEDY))
+    assert attach_adapter(loaded, str(adapter)) == "pirate"
+    q_proj = loaded.model.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.packed is not None and type(q_proj.lora_A["pirate"]) is torch.nn.Linear
+    pirate = "".join(backend.stream(messages, GREEDY))
+    full = load(ModelOptions(model=str(model_dirs["llama"]), quant="none", adapters=(str(adapter),)), Paths.default())
+    assert pirate != plain and pirate == "".join(LocalBackend(full).stream(messages, GREEDY))
+    assert "".join(backend.stream(messages, GREEDY, adapter=BASE_MODEL)) == plain
+    detach_adapter(loaded, "pirate")
+    assert "".join(backend.stream(messages, GREEDY)) == plain

@@ -1,5 +1,6 @@
-"""`iris train` on tiny in-process models: what each stage trains, QLoRA, loss going down, exact resume,
-feature caching, outputs that load, and a 2-process `accelerate launch` run."""
+"""`iris train` on tiny in-process models: what each stage trains, the default chain (projector, then LoRA from
+it), continuing from an earlier adapter, time budgets, QLoRA, loss going down, exact resume, feature caching,
+progress you can watch, outputs that load, and a 2-process `accelerate launch` run."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from adapters.synth import synthesize
 from adapters.train import TrainOptions, train
 from assistant.config import GenerationOptions, ModelOptions, Paths
 from assistant.engine import LocalBackend
-from assistant.errors import BadDataset, BadSetting
+from assistant.errors import AdapterMismatch, BadDataset, BadSetting
 from assistant.messages import Message, Role
 from assistant.model import load
 
@@ -71,7 +72,7 @@ def test_lora_stage_changes_only_lora_and_projector_and_loads_back(tiny: dict[st
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    result = _run(tiny, tmp_path / "lora", steps=3)
+    result = _run(tiny, tmp_path / "lora", stage="lora", steps=3)
     trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n or ".modules_to_save." in n for n in trainable)
     assert any("multi_modal_projector.modules_to_save" in n for n in trainable)
@@ -119,7 +120,7 @@ def test_loss_goes_down_on_a_repeated_tiny_dataset(tiny: dict[str, Path], tmp_pa
 
 
 def test_cached_features_give_the_same_loss(tiny: dict[str, Path], tmp_path: Path) -> None:
-    plain = _metrics(_run(tiny, tmp_path / "plain").out)
+    plain = _metrics(_run(tiny, tmp_path / "plain", cache_features=False).out)
     cached = _metrics(_run(tiny, tmp_path / "cached", cache_features=True).out)
     assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in plain], rel=1e-5)
 
@@ -194,3 +195,142 @@ def test_accelerate_launch_with_two_processes(tiny: dict[str, Path], tmp_path: P
     steps = [m for m in _metrics(out) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())["world_size"] == 2
+
+
+def test_default_stage_trains_the_projector_then_lora_from_it(tiny: dict[str, Path], tmp_path: Path) -> None:
+    result = _run(tiny, tmp_path / "auto", steps=8)
+    assert result.stages == (("projector", 2), ("lora", 6))
+    records = [m for m in _metrics(result.out) if "loss" in m]
+    assert [m["stage"] for m in records] == ["projector"] * 2 + ["lora"] * 6
+    assert [m["step"] for m in records] == list(range(1, 9))
+    manifest = json.loads((result.out / "iris_manifest.json").read_text())
+    assert manifest["kind"] == "lora" and [s["stage"] for s in manifest["stages"]] == ["projector", "lora"]
+    # the LoRA stage started from the projector stage's weights: the base's own copy under PEFT's wrapper holds
+    # them (frozen in stage 2), and they differ from the untrained base's
+    wrapper = result.model.get_base_model().model.multi_modal_projector
+    stage_one = wrapper.original_module.linear_1.weight
+    assert not torch.equal(stage_one, _base_state(tiny["llava"])["model.multi_modal_projector.linear_1.weight"])
+    saved = load_file(str(result.out / "projector.safetensors"))
+    assert torch.equal(saved["linear_1.weight"], wrapper.modules_to_save["default"].linear_1.weight)
+
+
+def test_from_continues_an_earlier_projector_or_lora(tiny: dict[str, Path], tmp_path: Path) -> None:
+    projector = _run(tiny, tmp_path / "p", stage="projector", steps=2).out
+    # from a projector: only LoRA trains (auto skips the projector stage); with the projector frozen, the adapter
+    # carries exactly the earlier projector
+    continued = _run(tiny, tmp_path / "c", from_dir=projector, lr_projector=0.0, steps=2)
+    assert continued.stages == (("lora", 2),)
+    carried = load_file(str(continued.out / "projector.safetensors"))
+    earlier = load_file(str(projector / "projector.safetensors"))
+    assert carried.keys() == earlier.keys() and all(torch.equal(carried[k], earlier[k]) for k in earlier)
+    manifest = json.loads((continued.out / "iris_manifest.json").read_text())
+    assert manifest["from"]["kind"] == "projector" and manifest["from"]["steps"] == 2
+    # from a LoRA: the same LoRA trains further
+    again = _run(tiny, tmp_path / "again", from_dir=continued.out, steps=2, lr_lora=1e-2)
+    before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (continued.out, again.out))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(AdapterMismatch, match="trained for base"):
+        _run(tiny, tmp_path / "wrong", data=tiny["small"], model=str(tiny["llama"]), from_dir=projector)
+
+
+def test_a_time_budget_plans_the_whole_schedule(tiny: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock (one second per reading) makes the run's speed known: the plan fits the budget and the learning
+    rate still decays to its end (planned, not cut off)."""
+    import itertools
+
+    import adapters.train
+
+    ticks = itertools.count()
+    monkeypatch.setattr(adapters.train, "_clock", lambda: float(next(ticks)))
+    result = _run(tiny, tmp_path / "budget", steps=None, max_minutes=1.0, lr_lora=1e-3, lr_projector=2e-3)
+    records = [m for m in _metrics(result.out) if "loss" in m]
+    upper = adapters.train.MAX_EPOCHS * 8  # 16 samples at batch 2
+    assert 8 <= result.steps < upper and len(records) == result.steps
+    assert result.seconds <= 60
+    stages = [name for name, _ in result.stages]
+    assert stages == ["projector", "lora"]
+    last = records[-1]
+    assert last["lr_lora"] == pytest.approx(1e-3 * adapters.train.MIN_LR_FRACTION, rel=0.35)
+
+
+def test_budget_scales_the_remaining_stages_together() -> None:
+    from adapters.train import Budget, Phase
+
+    clock = [0.0]
+    budget = Budget(100.0, 0.0)
+    import adapters.train
+
+    original = adapters.train._clock
+    adapters.train._clock = lambda: clock[0]
+    try:
+        phases = [Phase("projector", 100, 100, 1e-3, 1e-3), Phase("lora", 300, 300, 1e-3, 1e-3)]
+        for _ in range(5):
+            budget.record("projector", 1.0)
+        clock[0] = 5.0
+        budget.replan(phases, 0, 5)
+        # 95 s left (minus a 5 s reserve); a LoRA step is estimated at 1.5 projector steps
+        assert budget.cost("lora") == pytest.approx(1.5)
+        needed = (phases[0].steps - 5) * 1.0 + phases[1].steps * 1.5
+        assert 88 <= needed <= 90
+        assert phases[0].steps / 100 == pytest.approx(phases[1].steps / 300, abs=0.02)  # the stages keep their shares
+    finally:
+        adapters.train._clock = original
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal_and_a_plot_at_every_save(
+        tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    import adapters.train
+    from adapters.report import TrainingProgress
+
+    plots: list[int] = []
+    plot = adapters.train.plot_loss
+    monkeypatch.setattr(adapters.train, "plot_loss", lambda records, target: plots.append(len(records))
+                        or plot(records, target))
+    stream = io.StringIO()
+    monkeypatch.setattr(adapters.train, "TrainingProgress",
+                        lambda enabled, total, start=0: TrainingProgress(enabled, total, start, stream=stream))
+    result = train(TrainOptions(data=tiny["data"], out=tmp_path / "watched", model=str(tiny["llava"]), steps=6,
+                                save_every=2, **FAST))  # type: ignore[arg-type]
+    assert len(plots) == 4 and plots == sorted(plots)  # at steps 2, 4 and 6, and at the end
+    lines = stream.getvalue().splitlines()
+    steps = [line for line in lines if " step " in f" {line}"]
+    assert steps and steps[-1].startswith("lora step 6/6 (100%) loss ") and "samples/s ETA 0m00s" in steps[-1]
+    assert any(line.startswith("stage 2/2: lora") for line in lines)
+    assert (result.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_plot_uses_a_log_axis_and_marks_evals(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from adapters.report import EVAL_COLOUR, TRAIN_COLOUR, plot_loss
+
+    records = [{"step": 1, "loss": 100.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 0.01},
+               {"step": 3, "eval_loss": 1.0}]
+    image = Image.open(plot_loss(records, tmp_path / "loss.png")).convert("RGB")
+    width, height = image.size
+    middle = width // 2 + 8  # the plot area is offset by its left margin
+    column = [y for y in range(height) if image.getpixel((middle, y)) == TRAIN_COLOUR]
+    top, bottom = 56 // 2, height - 56
+    assert column and abs(sum(column) / len(column) - (top + bottom) / 2) < 0.2 * (bottom - top)
+    assert any(image.getpixel((x, y)) == EVAL_COLOUR for x in range(width - 40, width) for y in range(height))
+
+
+def test_line_progress_prints_every_few_percent_or_seconds() -> None:
+    import io
+
+    from adapters.report import LineProgress
+
+    now = [0.0]
+    stream = io.StringIO()
+    progress = LineProgress(stream, every_seconds=30, clock=lambda: now[0])
+    for step in range(1, 201):
+        now[0] += 0.1
+        progress.update(step, 200, loss=1.0, lr=1e-3, rate=2.0, eta=10.0)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 20 and lines[-1] == "step 200/200 (100%) loss 1.0000 lr 1.00e-03 2.00 samples/s ETA 0m10s"
+    now[0] += 100  # a slow step: a line after 30 s even before the next 5%
+    progress.update(201, 400)
+    assert stream.getvalue().splitlines()[-1] == "step 201/400 (50%)"

@@ -1,0 +1,142 @@
+"""The CPU decode loop (``LocalBackend`` decoding in the caller's thread through the language model alone) picks
+the tokens ``model.generate`` picks for the same inputs: greedy and seeded sampling, text and LLaVA image prompts,
+cold and continuing a stored prefix KV cache, every VLM family's text turn, and after an interrupted answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny_families import FAMILY_BUILDERS
+from tiny_models import save_strong_lora, save_tiny_llama, save_tiny_llava
+
+from assistant.config import GenerationOptions, ModelOptions, Paths
+from assistant.dialogue import DialogueManager
+from assistant.engine import LocalBackend, generation_kwargs
+from assistant.messages import Message, Role
+from assistant.model import load
+from assistant.store import Store
+from assistant.vision import load_image_path
+
+GREEDY = GenerationOptions(temperature=0, max_new_tokens=16)
+SAMPLED = GenerationOptions(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, max_new_tokens=16,
+                            seed=1234)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("decode_models")
+    llama = save_tiny_llama(root / "llama", context=2048)
+    return {"llama": llama, "llava": save_tiny_llava(root / "llava", context=2048),
+            "lora": save_strong_lora(llama, root / "pirate", seed=3)}
+
+
+def _backend(model_dir: Path, quant: str = "none", **sizes: int) -> LocalBackend:
+    return LocalBackend(load(ModelOptions(model=str(model_dir), quant=quant), Paths.default()), **sizes)
+
+
+def _generate(backend: LocalBackend, messages: list[Message], options: GenerationOptions) -> str:
+    """What ``model.generate`` answers on the processor's own inputs (pixel values for images), cold."""
+    loaded = backend.loaded
+    encoded = backend.renderer.encode(messages)
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    with torch.inference_mode():
+        output = loaded.model.generate(**encoded, **generation_kwargs(options),
+                                       pad_token_id=loaded.tokenizer.pad_token_id)
+    return str(loaded.tokenizer.decode(output[0][encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _conversation(*texts: str, images: tuple[Any, ...] = ()) -> list[Message]:
+    messages = [Message(Role.SYSTEM, "You are terse.")]
+    for index, text in enumerate(texts):
+        if index:
+            messages.append(Message(Role.ASSISTANT, f"answer {index}"))
+        messages.append(Message(Role.USER, text, images if index == 0 else ()))
+    return messages
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_text_prompts_decode_as_generate_does(model_dirs: dict[str, Path], options: GenerationOptions) -> None:
+    backend = _backend(model_dirs["llama"], kv_cache_bytes=0)
+    for messages in (_conversation("hello"), _conversation("tell me", "more", "and more about it")):
+        ours = "".join(backend.stream(messages, options))
+        assert ours and ours == _generate(backend, messages, options)
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_llava_image_and_text_prompts_decode_as_generate_does(model_dirs: dict[str, Path], sample_png: Path,
+                                                              sample_jpg: Path, options: GenerationOptions) -> None:
+    backend = _backend(model_dirs["llava"], kv_cache_bytes=0)
+    png, jpg = load_image_path(sample_png), load_image_path(sample_jpg)
+    for messages in (_conversation("no picture here"), _conversation("what is this?", images=(png,)),
+                     _conversation("compare", "and now?", images=(png, jpg))):
+        ours = "".join(backend.stream(messages, options))
+        assert ours and ours == _generate(backend, messages, options)
+
+
+def test_continuing_a_stored_prefix_gives_what_generate_gives_cold(model_dirs: dict[str, Path], tmp_path: Path,
+                                                                   sample_png: Path) -> None:
+    """Each turn continues the previous turn's KV cache (text, then an image, then text again)."""
+    backend = _backend(model_dirs["llava"])
+    manager = DialogueManager(backend, Store(tmp_path / "x.db"), default_system_prompt="sys", default_options=GREEDY)
+    conversation = manager.new_conversation()
+    png = load_image_path(sample_png)
+    for text, images in (("hello there", []), ("what is this?", [png]), ("tell me more", []), ("again", [])):
+        answer = manager.send(conversation, text, images).run()
+        history = manager.prompt_messages(conversation)
+        assert answer == _generate(backend, history[:-1], GREEDY)  # the system prompt, the thread before the answer
+    assert backend.prefix_cache.hits == 3
+
+
+def test_a_vision_model_decodes_through_its_language_model_alone(model_dirs: dict[str, Path],
+                                                                 sample_png: Path) -> None:
+    """The LLaVA wrapper's forward never runs: the tower runs once for the image's features, the language model
+    for the prefill and each token."""
+    backend = _backend(model_dirs["llava"])
+    model = backend.loaded.model
+    calls = {"wrapper": 0, "language model": 0, "tower": 0}
+    for name, module in (("wrapper", model), ("language model", model.get_decoder()),
+                         ("tower", model.model.vision_tower)):
+        module.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    answer = "".join(backend.stream(_conversation("what is this?", images=(load_image_path(sample_png),)),
+                                    GenerationOptions(temperature=0, max_new_tokens=5)))
+    assert answer and calls["wrapper"] == 0 and calls["tower"] == 1
+    assert 1 < calls["language model"] <= 5
+    "".join(backend.stream(_conversation("only words"), GenerationOptions(temperature=0, max_new_tokens=5)))
+    assert calls["wrapper"] == 0 and calls["tower"] == 1
+
+
+def test_the_int8_path_and_adapters_decode_as_generate_does(model_dirs: dict[str, Path]) -> None:
+    from assistant.messages import BASE_MODEL
+
+    loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="int8", adapters=(str(model_dirs["lora"]),)),
+                  Paths.default())
+    backend = LocalBackend(loaded, kv_cache_bytes=0)
+    messages = _conversation("ahoy")
+    pirate = "".join(backend.stream(messages, GREEDY))
+    plain = "".join(backend.stream(messages, GREEDY, adapter=BASE_MODEL))
+    assert pirate != plain and pirate == _generate(backend, messages, GREEDY)
+    with loaded.model.disable_adapter():
+        assert plain == _generate(backend, messages, GREEDY)
+
+
+def test_an_interrupted_answer_leaves_a_cache_that_continues_correctly(model_dirs: dict[str, Path]) -> None:
+    backend = _backend(model_dirs["llama"])
+    first = _conversation("go on and on")
+    stream = backend.stream(first, GenerationOptions(temperature=0, max_new_tokens=200))
+    partial = next(stream) + next(stream)
+    stream.close()
+    assert len(backend.prefix_cache) == 1  # stored as far as it got
+    follow_up = [*first, Message(Role.ASSISTANT, partial), Message(Role.USER, "and then?")]
+    assert "".join(backend.stream(follow_up, GREEDY)) == _generate(backend, follow_up, GREEDY)
+    assert backend.prefix_cache.hits == 1
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDERS))
+def test_every_familys_text_turn_decodes_as_generate_does(name: str, tmp_path: Path) -> None:
+    backend = _backend(FAMILY_BUILDERS[name](tmp_path / name), kv_cache_bytes=0)
+    messages = _conversation("hello", "and more")
+    assert "".join(backend.stream(messages, GREEDY)) == _generate(backend, messages, GREEDY)
