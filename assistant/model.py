@@ -233,7 +233,7 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     cuda = _is_cuda(device)
     quant = options.quant
     if quant == "auto":
-        # NF4 on CUDA; on an x86 CPU fp16 weights: about 2.4x fp32's decode speed with the same greedy tokens
+        # NF4 on CUDA; on an x86 CPU fp16 weights: twice fp32's decode speed or more with the same greedy answers
         # (assistant/cpu_quant.py, bench/int8_agreement.py); full precision elsewhere.
         from assistant.cpu_quant import half_weights_supported
 
