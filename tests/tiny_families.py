@@ -147,6 +147,10 @@ QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN2_PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 
 
+# head_dim 16 → 8 rotary frequencies, split over (t, h, w) as the real [16, 24, 24] is over 64.
+QWEN2_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+
+
 def qwen_ids(tokenizer: Any) -> dict[str, int]:
     """The four Qwen vision token ids, as the outer config wants them."""
     ids = tokenizer.convert_tokens_to_ids
@@ -169,9 +173,7 @@ def save_tiny_qwen2_vl(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = family_tokenizer(*QWEN_TOKENS)
-    # head_dim 16 → 8 rotary frequencies, split over (t, h, w) as the real [16, 24, 24] is over 64.
-    text_config = Qwen2VLTextConfig(**text_sizes(tokenizer, rope_parameters={
-        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}))
+    text_config = Qwen2VLTextConfig(**text_sizes(tokenizer, rope_parameters=QWEN2_MROPE))
     vision_config = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
                                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **qwen_ids(tokenizer))
@@ -196,8 +198,7 @@ def save_tiny_qwen2_5_vl(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = family_tokenizer(*QWEN_TOKENS)
-    text_config = Qwen2_5_VLTextConfig(**text_sizes(tokenizer, rope_parameters={
-        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}))
+    text_config = Qwen2_5_VLTextConfig(**text_sizes(tokenizer, rope_parameters=QWEN2_MROPE))
     vision_config = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                                            out_hidden_size=64, patch_size=14, spatial_merge_size=2,
                                            temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
