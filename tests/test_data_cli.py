@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -48,3 +49,40 @@ def test_synth_into_a_used_directory_is_a_one_line_error(tmp_path: Path) -> None
     assert result.stderr.startswith("error: ") and "not empty" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert result.stdout == ""
+
+
+def test_synth_a_first_stage_set_and_the_eval_suite(tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    result = runner.invoke(app, ["data", "synth", "--out", str(single), "--n", "6", "--max-objects", "1"])
+    assert result.exit_code == 0, result.output
+    assert {record["scene"]["count"] for record in json.loads((single / "dataset.json").read_text())} == {1}
+
+    suite = tmp_path / "suite"
+    result = runner.invoke(app, ["data", "synth", "--eval-suite", "--out", str(suite), "--per-skill", "2",
+                                 "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == ("wrote 12 questions (2 per skill: colour, shape, count, side, describe, pope) "
+                                     f"to {suite / 'dataset.json'}")
+    records = json.loads((suite / "dataset.json").read_text())
+    assert [record["category"] for record in records] == [skill for skill in
+                                                          ("colour", "shape", "count", "side", "describe", "pope")
+                                                          for _ in range(2)]
+    result = runner.invoke(app, ["data", "check", str(suite)])
+    assert result.exit_code == 0 and result.stdout.startswith(f"OK: {suite}: 12 samples, 24 turns"), result.output
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--n", "0"], "--n must be at least 1, got 0"),
+    (["--max-objects", "5"], "--max-objects must be between 1 and 4, got 5"),
+    (["--max-objects", "0"], "--max-objects must be between 1 and 4, got 0"),
+    (["--eval-suite", "--per-skill", "0"], "--per-skill must be at least 1, got 0"),
+    (["--per-skill", "3"], "--per-skill sizes the eval suite; add --eval-suite (or use --n for a training set)"),
+    (["--eval-suite", "--n", "5"], "--n and --max-objects shape a training set; the eval suite takes --per-skill"),
+    (["--eval-suite", "--max-objects", "1"],
+     "--n and --max-objects shape a training set; the eval suite takes --per-skill"),
+])
+def test_synth_bad_values_are_one_line_errors(flags: list[str], message: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "out"), *flags])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == f"error: {message}" and result.stdout == ""
+    assert not (tmp_path / "out").exists()
