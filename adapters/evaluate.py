@@ -25,6 +25,7 @@ turn (a LLaVA ``conversations`` turn or a JSONL message) or on the whole record.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -107,15 +108,19 @@ class Row:
 
 @dataclass
 class Report:
-    """Everything ``iris eval --json`` prints; ``chance`` is the share of the most common short answer."""
+    """Everything ``iris eval --json`` prints; ``chance`` is the share of the most common short answer. ``text``
+    holds the text-regression rows (``adapters.text_probe``) when asked for; ``data`` is None without a dataset.
+    ``notes`` say what was left out and why."""
 
-    data: str
+    data: str | None
     model: str
     adapter: str | None
     questions: int
     chance: float | None
     rows: list[Row]
     answers: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    text: Report | None = None
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, indent=2)
@@ -342,6 +347,20 @@ def evaluate(backend: Generator, items: Sequence[EvalItem], rows: Sequence[RowSp
     return report
 
 
+def combined(first: Report, *others: Report) -> Report:
+    """One report of the same questions run on several loaded models: rows in order, answers side by side."""
+    report = dataclasses.replace(first, rows=list(first.rows), notes=list(first.notes),
+                                 answers=[{**item, "answers": dict(item["answers"])} for item in first.answers])
+    for other in others:
+        if [item["question"] for item in other.answers] != [item["question"] for item in report.answers]:
+            raise ValueError("only reports on the same questions combine")
+        report.rows += other.rows
+        report.notes += other.notes
+        for mine, theirs in zip(report.answers, other.answers, strict=True):
+            mine["answers"].update(theirs["answers"])
+    return report
+
+
 def answer_budget(items: Sequence[EvalItem], count_tokens: Callable[[str], int]) -> int:
     """Enough new tokens for the longest reference, with room for a wordier answer: no row decodes far past it."""
     return min(256, max(count_tokens(item.reference) for item in items) * 2 + 8)
@@ -351,7 +370,21 @@ def answer_budget(items: Sequence[EvalItem], count_tokens: Callable[[str], int])
 
 
 def format_report(report: Report, max_confusions: int = 5) -> list[str]:
-    """The table ``iris eval`` prints: one line per row (and per category), then confusions of short answers."""
+    """The table ``iris eval`` prints: one line per row (and per category), then confusions of short answers (at
+    most ``max_confusions`` mistakes a row; 0: none), then the text-regression rows and how many each got right."""
+    lines = _data_lines(report, max_confusions) if report.data is not None else []
+    if report.text is not None:
+        text = report.text
+        lines += [""] if lines else []
+        lines += [*_data_lines(text, confusions=0), "text right: " + ", ".join(
+            f"{row.label.removeprefix('text: ')} {round(row.overall.keyword * row.overall.n)}/{row.overall.n}"
+            for row in text.rows)]
+        lines += text.notes
+    return lines + report.notes
+
+
+def _data_lines(report: Report, confusions: int) -> list[str]:
+    """One report's header, rows and confusions (a text report's one-off answers get none: ``confusions=0``)."""
     chance = f", chance {report.chance:.0%}" if report.chance is not None else ""
     lines = [f"{report.questions} questions from {report.data}{chance}",
              f"{'row':<28} {'n':>5} {'exact':>7} {'keyword':>8} {'yes-rate':>9} {'seconds':>8}"]
@@ -360,7 +393,7 @@ def format_report(report: Report, max_confusions: int = 5) -> list[str]:
         for name, value in row.categories.items():
             lines.append(_score_line(f"  {name}", value, None))
     for row in report.rows:
-        if not row.confusion or row.images != "given":
+        if not confusions or not row.confusion or row.images != "given":
             continue
         recall = ", ".join(f"{label} {counts.get(label, 0)}/{sum(counts.values())}"
                            for label, counts in row.confusion.items())
@@ -369,7 +402,7 @@ def format_report(report: Report, max_confusions: int = 5) -> list[str]:
         lines.append(f"{row.label}: right per answer: {recall}")
         if mistakes:
             lines.append(f"{row.label}: most confused: " + ", ".join(
-                f"{label} → {answered} ×{count}" for count, label, answered in mistakes[:max_confusions]))
+                f"{label} → {answered} ×{count}" for count, label, answered in mistakes[:confusions]))
     return lines
 
 

