@@ -66,7 +66,12 @@ class FeatureCache:
 
 
 def loss_module(model: Any, architecture: Architecture) -> Any:
-    """An ``nn.Module`` whose forward returns the loss, so DDP sees every trainable use inside forward."""
+    """An ``nn.Module`` whose forward returns the loss, so DDP sees every trainable use inside forward.
+
+    Logits are computed only where a label follows (``logits_to_keep`` as a boolean mask): the answer tokens
+    are a few percent of a multimodal sample, and the vocabulary projection of every other position is most of
+    the LM head's cost. The loss is the mean over answer tokens, as the model's own ``labels`` loss is.
+    """
     import torch
 
     class LossForward(torch.nn.Module):
@@ -76,13 +81,19 @@ def loss_module(model: Any, architecture: Architecture) -> Any:
 
         def forward(self, input_ids: Any, attention_mask: Any, labels: Any, image_features: Any = None,
                     **extra: Any) -> Any:
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = labels[:, 1:] != -100
             if image_features is None:
-                return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra).loss
-            embeds = self.model.get_input_embeddings()(input_ids)
-            projector = _unwrap_peft(self.model).get_submodule(architecture.projector)
-            projected = projector(image_features).to(embeds.dtype)
-            mask = (input_ids == architecture.image_token_id).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, projected)
-            return self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
+                inputs = {"input_ids": input_ids, **extra}
+            else:
+                embeds = self.model.get_input_embeddings()(input_ids)
+                projector = _unwrap_peft(self.model).get_submodule(architecture.projector)
+                projected = projector(image_features).to(embeds.dtype)
+                mask = (input_ids == architecture.image_token_id).unsqueeze(-1).expand_as(embeds)
+                inputs = {"inputs_embeds": embeds.masked_scatter(mask, projected)}
+            logits = self.model(**inputs, attention_mask=attention_mask, logits_to_keep=keep).logits
+            if logits.dim() == 3:  # a model that ignores a boolean mask returns every position
+                logits = logits[keep]
+            return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
 
     return LossForward()

@@ -20,6 +20,8 @@ def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) direct
           image_size: Annotated[int, typer.Option("--image-size", help="Square input size in px, a multiple of the "
                                                   "patch size; with patch 14: 56 → 16 tokens per image, "
                                                   "112 → 64, 224 → 256.")] = 112,
+          class_token: Annotated[bool, typer.Option("--class-token", help="Keep the tower's CLS token as one "
+                                                    "more image token (a whole-image summary).")] = False,
           seed: Annotated[int, typer.Option("--seed", help="Seed of the fresh projector.")] = 0) -> None:
     """Compose a LLaVA model from an LLM and a vision tower; its projector is untrained until `iris train`."""
     from assistant.builders.compose import BUILD_FILE, check_image_size, check_out_dir, compose_llava
@@ -36,7 +38,8 @@ def build(out: Annotated[Path, typer.Option("--out", help="New (or empty) direct
     check_image_size(vision_dir, image_size)
     llm_dir = llm or default_llm_path(paths, progress)
     progress(f"composing {llm_dir.name} + {vision_dir.name} at {image_size} px")
-    result = compose_llava(llm_dir, vision_dir, out, image_size=image_size, seed=seed)
+    result = compose_llava(llm_dir, vision_dir, out, image_size=image_size, seed=seed,
+                           class_token=class_token)
     record = json.loads((result / BUILD_FILE).read_text(encoding="utf-8"))
     typer.echo(visible(f"wrote {result}: {record['tokens_per_image']} tokens per image ({image_size} px); "
                        "the projector is untrained"))

@@ -1,5 +1,5 @@
 """``iris train``: fine-tune a model on a dataset (see ``adapters.train``); with no other flag, the default model
-with the measured recipe (projector, then LoRA from it; length and learning rates from the dataset's size).
+with the measured recipe (the projector alone; length and learning rates from the dataset's size).
 
 Runs unchanged under ``accelerate launch --num_processes N iris train ...``.
 """
@@ -33,8 +33,9 @@ def default_out(data: Path, stage: str, name: str | None, paths: Paths) -> Path:
 def train(data: Annotated[Path, typer.Argument(help="Dataset: directory, LLaVA .json or messages .jsonl.")],
           model: Annotated[str | None, typer.Option("--model", "-m", help="Base model: HF dir, hub id or .gguf "
                                                     "(default: the embedded default model).")] = None,
-          stage: Annotated[str, typer.Option(help="auto (projector, then LoRA from it) | projector (only the "
-                                             "projector trains) | lora (LoRA on the LLM + projector).")] = "auto",
+          stage: Annotated[str, typer.Option(help="auto (the projector for a vision model, LoRA for a "
+                                             "text-only one or to continue a LoRA) | projector | lora (LoRA on the "
+                                             "LLM + projector) | chain (projector, then LoRA from it).")] = "auto",
           quant: Annotated[str, typer.Option(help="none | 4bit (QLoRA: NF4 base).")] = "none",
           out: Annotated[Path | None, typer.Option(help="Output directory (default: the user adapter dir / "
                                                    "NAME).")] = None,
@@ -66,6 +67,11 @@ def train(data: Annotated[Path, typer.Argument(help="Dataset: directory, LLaVA .
           cache_features: Annotated[bool, typer.Option("--cache-features/--no-cache-features",
                                                        help="Compute the frozen vision tower's features once per "
                                                        "image (where the family allows it).")] = True,
+          mix: Annotated[list[Path] | None, typer.Option("--mix", help="Another dataset trained together with "
+                                                         "DATA (repeatable): e.g. text-only samples from "
+                                                         "`iris data distill` that keep the base's answers.")] = None,
+          precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the device has it natively, "
+                                                 "else fp32) | fp32 | bf16.")] = "auto",
           gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
                                                                help="Trade compute for memory.")] = False,
           system: Annotated[str | None, typer.Option("--system", help="System prompt put before samples without "
@@ -86,7 +92,8 @@ def train(data: Annotated[Path, typer.Argument(help="Dataset: directory, LLaVA .
                            lr_projector=lr_projector, lr_lora=lr_lora, lora_r=lora_r, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, eval_split=eval_split, seed=seed, save_every=save_every,
                            resume=resume, cache_features=cache_features,
-                           gradient_checkpointing=gradient_checkpointing, from_dir=from_dir,
+                           gradient_checkpointing=gradient_checkpointing, from_dir=from_dir, precision=precision,
+                           mix=tuple(mix or ()),
                            max_minutes=max_minutes, system_prompt=system_prompt or None,
                            target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
     result = run_training(options)

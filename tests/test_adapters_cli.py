@@ -26,7 +26,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters_cli")
     synthesize(root / "shapes", 4, seed=0)
     llava = save_tiny_llava(root / "llava")
-    adapter = train(TrainOptions(data=root / "shapes", out=root / "trained", model=str(llava), steps=3,
+    adapter = train(TrainOptions(data=root / "shapes", out=root / "trained", model=str(llava), stage="chain", steps=3,
                                  batch_size=2, lora_r=4, lr_lora=1e-2), show_progress=False).out
     with torch.no_grad():  # make the LoRA visibly change greedy output (three tiny steps barely move it)
         from safetensors.torch import load_file, save_file
@@ -183,14 +183,14 @@ def _png(directory: Path) -> Path:
     return path
 
 
-def test_train_with_no_other_flag_chains_the_stages_under_the_dataset_name(tiny: dict[str, Path]) -> None:
+def test_train_with_no_other_flag_trains_the_projector_under_the_dataset_name(tiny: dict[str, Path]) -> None:
     done = _invoke("train", tiny["data"], "--model", tiny["llava"], "--epochs", "4")
     assert done.exit_code == 0, done.output
     out = Paths.default().data / "adapters" / "shapes"
-    assert f"wrote {out} (4 steps: projector 1 + lora 3, loss " in done.output  # 4 samples: one batch per epoch
+    assert f"wrote {out} (4 steps: projector 4, loss " in done.output  # 4 samples: one batch per epoch
     assert f"use it: iris ask -m {tiny['llava']} --adapter {out}" in done.output
     manifest = json.loads((out / "iris_manifest.json").read_text())
-    assert manifest["kind"] == "lora" and manifest["training"]["system_prompt"] == \
+    assert manifest["kind"] == "projector" and manifest["training"]["system_prompt"] == \
         "You are a helpful AI assistant named Iris."
     assert [m["stage"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == \
-        ["projector", "lora", "lora", "lora"]
+        ["projector"] * 4

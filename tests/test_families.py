@@ -176,6 +176,31 @@ def test_training_stages_and_the_adapter_by_flag(family: tuple[str, Path], datas
     assert "".join(backend.stream(messages, GREEDY)) != "".join(backend.stream(messages, GREEDY, adapter=BASE_MODEL))
 
 
+def test_the_training_loss_is_the_models_own_answer_token_loss(family: tuple[str, Path], dataset: Path) -> None:
+    """Training computes logits only at answer positions (and on cached features where the family splices them):
+    the loss must still be what the model's own ``labels=`` forward gives."""
+    from adapters.collate import Collator, EncodedDataset
+    from adapters.dataset import read_dataset
+    from adapters.features import FeatureCache, loss_module
+    from assistant.prompt import PromptRenderer
+
+    _, model_dir = family
+    loaded = _load(model_dir)
+    model, architecture = loaded.model.float(), loaded.architecture
+    examples = EncodedDataset(read_dataset(dataset)[:2], PromptRenderer(loaded.tokenizer, loaded.processor))
+    batch = Collator(loaded.tokenizer.pad_token_id, architecture)([examples[0], examples[1]])
+    batch.pop("image_keys")
+    with torch.no_grad():
+        own = model(**batch).loss
+        answer_only = loss_module(model, architecture)(**batch)
+        batch["image_keys"] = [image.sha256 for sample in examples.samples for m in sample.messages
+                               for image in m.images]
+        cache = FeatureCache(model, architecture, requested=True)
+        cached = loss_module(model, architecture)(**cache.prepare(batch))
+    assert float(answer_only) == pytest.approx(float(own), rel=1e-4)
+    assert float(cached) == pytest.approx(float(own), rel=1e-4)
+
+
 def test_merge_and_export_reload_with_plain_transformers(family: tuple[str, Path], dataset: Path,
                                                          tmp_path: Path) -> None:
     _, model_dir = family

@@ -27,7 +27,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     synthesize(root / "data", 4, seed=0)
     llava = save_tiny_llava(root / "llava")
     common = {"data": root / "data", "model": str(llava), "steps": 1, "batch_size": 2, "lora_r": 4}
-    lora = train(TrainOptions(out=root / "lora", **common), show_progress=False).out  # type: ignore[arg-type]
+    lora = train(TrainOptions(out=root / "lora", stage="lora", **common), show_progress=False).out  # type: ignore[arg-type]
     projector = train(TrainOptions(out=root / "proj", stage="projector", **common),  # type: ignore[arg-type]
                       show_progress=False).out
     return {"llava": llava, "llama": save_tiny_llama(root / "llama"), "lora": lora, "projector": projector,

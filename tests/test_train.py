@@ -98,7 +98,7 @@ def test_lora_stage_changes_only_lora_and_projector_and_loads_back(tiny: dict[st
 def test_qlora_trains_and_keeps_the_base_4bit(tiny: dict[str, Path], tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    result = _run(tiny, tmp_path / "qlora", quant="4bit")
+    result = _run(tiny, tmp_path / "qlora", stage="lora", quant="4bit")
     layers = [m for n, m in result.model.named_modules() if n.endswith("self_attn.q_proj") and "language_model" in n]
     assert layers and all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for layer in layers)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in result.model.named_modules() if "vision_tower" in n)
@@ -109,8 +109,8 @@ def test_qlora_trains_and_keeps_the_base_4bit(tiny: dict[str, Path], tmp_path: P
 
 
 def test_loss_goes_down_on_a_repeated_tiny_dataset(tiny: dict[str, Path], tmp_path: Path) -> None:
-    result = _run(tiny, tmp_path / "fit", data=tiny["small"], steps=30, lora_r=8, lora_alpha=16, lr_lora=1e-2,
-                  lr_projector=1e-2, cache_features=True)
+    result = _run(tiny, tmp_path / "fit", data=tiny["small"], stage="lora", steps=30, lora_r=8, lora_alpha=16,
+                  lr_lora=1e-2, lr_projector=1e-2, cache_features=True)
     losses = [m["loss"] for m in _metrics(result.out)]
     assert len(losses) == 30
     # The tiny random model's frozen lm_head keeps logits small, so the floor is high; still a clear drop:
@@ -120,13 +120,13 @@ def test_loss_goes_down_on_a_repeated_tiny_dataset(tiny: dict[str, Path], tmp_pa
 
 
 def test_cached_features_give_the_same_loss(tiny: dict[str, Path], tmp_path: Path) -> None:
-    plain = _metrics(_run(tiny, tmp_path / "plain", cache_features=False).out)
-    cached = _metrics(_run(tiny, tmp_path / "cached", cache_features=True).out)
+    plain = _metrics(_run(tiny, tmp_path / "plain", cache_features=False, precision="fp32").out)
+    cached = _metrics(_run(tiny, tmp_path / "cached", cache_features=True, precision="fp32").out)
     assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in plain], rel=1e-5)
 
 
 def test_resume_continues_exactly(tiny: dict[str, Path], tmp_path: Path) -> None:
-    options = {"steps": 4, "save_every": 2, "eval_split": 0.25, "lora_dropout": 0.3}
+    options = {"stage": "chain", "steps": 4, "save_every": 2, "eval_split": 0.25, "lora_dropout": 0.3}
     straight = _run(tiny, tmp_path / "straight", **options).out
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
@@ -168,7 +168,7 @@ def test_bad_settings_and_data_are_one_line_errors(tiny: dict[str, Path], tmp_pa
              ({"out": used}, BadSetting, "already exists"), ({"resume": True}, BadSetting, "no checkpoint"),
              ({"data": tmp_path / "missing.json"}, BadDataset, "no such file"),
              ({"eval_split": 0.99}, BadDataset, "no training samples"),
-             ({"target_modules": ("qkv_linear",)}, BadSetting, "--target-modules qkv_linear")]
+             ({"stage": "lora", "target_modules": ("qkv_linear",)}, BadSetting, "--target-modules qkv_linear")]
     for overrides, error, message in cases:
         with pytest.raises(error, match=message) as caught:
             _run(tiny, **{"out": tmp_path / "fresh", **overrides})
@@ -183,7 +183,8 @@ def test_accelerate_launch_with_two_processes(tiny: dict[str, Path], tmp_path: P
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
                str(tiny["data"]), "--model", str(tiny["llava"]), "--out", str(out), "--steps", "3",
-               "--batch-size", "2", "--grad-accum", "2", "--lora-r", "4", "--save-every", "3", "--eval-split", "0.25"]
+               "--batch-size", "2", "--grad-accum", "2", "--lora-r", "4", "--save-every", "3", "--eval-split", "0.25",
+               "--stage", "lora"]
     root = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "ACCELERATE_USE_CPU": "1", "HOME": str(tmp_path)}
@@ -197,8 +198,17 @@ def test_accelerate_launch_with_two_processes(tiny: dict[str, Path], tmp_path: P
     assert json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())["world_size"] == 2
 
 
-def test_default_stage_trains_the_projector_then_lora_from_it(tiny: dict[str, Path], tmp_path: Path) -> None:
-    result = _run(tiny, tmp_path / "auto", steps=8)
+def test_default_stage_trains_the_projector_of_a_vision_model_and_lora_of_a_text_model(
+        tiny: dict[str, Path], tmp_path: Path) -> None:
+    vision = _run(tiny, tmp_path / "vision", steps=2)
+    assert vision.stages == (("projector", 2),) and (vision.out / "projector.safetensors").is_file()
+    assert not (vision.out / "adapter_config.json").exists()
+    text = _run(tiny, tmp_path / "text", data=tiny["small"], model=str(tiny["llama"]), steps=2)
+    assert text.stages == (("lora", 2),)
+
+
+def test_chain_trains_the_projector_then_lora_from_it(tiny: dict[str, Path], tmp_path: Path) -> None:
+    result = _run(tiny, tmp_path / "chain", stage="chain", steps=8)
     assert result.stages == (("projector", 2), ("lora", 6))
     records = [m for m in _metrics(result.out) if "loss" in m]
     assert [m["stage"] for m in records] == ["projector"] * 2 + ["lora"] * 6
@@ -243,7 +253,8 @@ def test_a_time_budget_plans_the_whole_schedule(tiny: dict[str, Path], tmp_path:
 
     ticks = itertools.count()
     monkeypatch.setattr(adapters.train, "_clock", lambda: float(next(ticks)))
-    result = _run(tiny, tmp_path / "budget", steps=None, max_minutes=1.0, lr_lora=1e-3, lr_projector=2e-3)
+    result = _run(tiny, tmp_path / "budget", stage="chain", steps=None, max_minutes=1.0, lr_lora=1e-3,
+                  lr_projector=2e-3)
     records = [m for m in _metrics(result.out) if "loss" in m]
     upper = adapters.train.MAX_EPOCHS * 8  # 16 samples at batch 2
     assert 8 <= result.steps < upper and len(records) == result.steps
@@ -293,7 +304,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal_and_a_plot_at_every_save(
     monkeypatch.setattr(adapters.train, "TrainingProgress",
                         lambda enabled, total, start=0: TrainingProgress(enabled, total, start, stream=stream))
     result = train(TrainOptions(data=tiny["data"], out=tmp_path / "watched", model=str(tiny["llava"]), steps=6,
-                                save_every=2, **FAST))  # type: ignore[arg-type]
+                                stage="chain", save_every=2, **FAST))  # type: ignore[arg-type]
     assert len(plots) == 4 and plots == sorted(plots)  # at steps 2, 4 and 6, and at the end
     lines = stream.getvalue().splitlines()
     steps = [line for line in lines if " step " in f" {line}"]

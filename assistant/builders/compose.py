@@ -9,7 +9,9 @@ between them is new, and stays random until trained. The LLM's own chat template
 
 Every image is resized to one square size, so it always costs ``(image_size // patch_size) ** 2`` tokens:
 the projector reads the tower's last encoder layer as LLaVA selects it (before any final layer norm, so
-DINOv2's and SigLIP's final norm go unused), minus the CLS token if the tower has one. Towers whose
+DINOv2's and SigLIP's final norm go unused), minus the CLS token if the tower has one, unless ``class_token``
+keeps it (one more token per image: a summary of the whole image, which small LMs read more easily than the
+patches). Towers whose
 positions are fixed to a native size (CLIP, SigLIP) get their position table resampled once, with the
 tower's own ``interpolate_pos_encoding``, to the chosen size; DINOv2 interpolates at run time as is.
 """
@@ -40,7 +42,8 @@ class BuildError(IrisError):
     """The parts given to ``iris build`` cannot be composed (unreadable, wrong kind, bad size, busy output)."""
 
 
-def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: int = 112, seed: int = 0) -> Path:
+def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: int = 112, seed: int = 0,
+                  class_token: bool = False) -> Path:
     """Write a LLaVA model made of ``llm_dir``'s LM, ``vision_dir``'s tower and a fresh projector to ``out_dir``.
 
     ``seed`` fixes the projector (and a new ``<image>`` embedding row), so the same parts give the same
@@ -55,8 +58,9 @@ def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: in
     patch_size = int(tower.config.patch_size)
     lm, tokenizer = _load_llm(llm_dir)
     image_token_id = _add_image_token(lm, tokenizer)
-    tokens_per_image = (image_size // patch_size) ** 2
-    strategy: Literal["default", "full"] = "default" if extra_tokens == 1 else "full"
+    keep_extra = class_token or extra_tokens == 0
+    tokens_per_image = (image_size // patch_size) ** 2 + (extra_tokens if keep_extra else 0)
+    strategy: Literal["default", "full"] = "full" if keep_extra else "default"
     config = LlavaConfig(vision_config=tower.config, text_config=lm.config, image_token_index=image_token_id,
                          image_seq_length=tokens_per_image, projector_hidden_act="gelu",
                          vision_feature_select_strategy=strategy, vision_feature_layer=-1)
@@ -69,7 +73,8 @@ def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: in
     projector = model.model.multi_modal_projector
     record = {"llm": str(llm_dir), "vision": str(vision_dir), "vision_model_type": tower.config.model_type,
               "image_size": image_size, "patch_size": patch_size, "tokens_per_image": tokens_per_image,
-              "image_token": IMAGE_TOKEN, "image_token_id": image_token_id,
+              "class_token": bool(extra_tokens and keep_extra), "image_token": IMAGE_TOKEN,
+              "image_token_id": image_token_id,
               "projector": {"in": projector.linear_1.in_features, "hidden": projector.linear_1.out_features,
                             "out": projector.linear_2.out_features, "act": "gelu", "trained": False},
               "seed": seed}
