@@ -62,7 +62,7 @@ PROJECTOR_SHARE = 0.25  # stage chain: this share of the steps trains the projec
 TARGET_SAMPLES = 3000  # default length: about this many samples seen, in whole epochs within the bounds below
 MIN_EPOCHS, MAX_EPOCHS = 1, 10
 LR_PROJECTOR = 2e-3
-LR_LORA = 2e-4  # at 1e-3 the loss rose when LoRA joined the projector (digits), and text answers degraded
+LR_LORA = 2e-4  # at 1e-3 the loss rose when LoRA joined the projector (digits); LLaVA's LoRA rate
 LR_REFERENCE_SAMPLES = 5000  # above this many training samples, learning rates shrink as 1/sqrt(size)
 # Time budgets: plan after this many steps of a phase (the first one, which allocates and caches, not counted),
 # then replan every REPLAN_SHARE of its steps; a LoRA step costs about LORA_COST projector steps until measured.
@@ -310,7 +310,7 @@ def bf16_supported(device: Any) -> bool:
 
 
 def compute_precision(precision: str, device: Any) -> str:
-    """``auto`` → bf16 where the device has it natively (measured 1.5× the fp32 step rate on this project's
+    """``auto`` → bf16 where the device has it natively (1.2–1.6× the fp32 step rate measured on this project's
     AVX512-BF16 CPU), else fp32. Weights, gradients and the optimizer stay fp32 either way (autocast)."""
     if precision == "bf16" and not bf16_supported(device):
         raise BadSetting(f"--precision bf16: this {device.type} has no native bfloat16; use --precision fp32")

@@ -125,6 +125,12 @@ def test_cached_features_give_the_same_loss(tiny: dict[str, Path], tmp_path: Pat
     assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in plain], rel=1e-5)
 
 
+def test_mixed_datasets_train_together(tiny: dict[str, Path], tmp_path: Path) -> None:
+    result = _run(tiny, tmp_path / "mixed", mix=(tiny["small"], tiny["small"]), steps=1)
+    dataset = json.loads((result.out / "iris_manifest.json").read_text())["dataset"]
+    assert dataset["samples"] == 16 + 4 + 4 and dataset["path"].count(str(tiny["small"])) == 2
+
+
 def test_resume_continues_exactly(tiny: dict[str, Path], tmp_path: Path) -> None:
     options = {"stage": "chain", "steps": 4, "save_every": 2, "eval_split": 0.25, "lora_dropout": 0.3}
     straight = _run(tiny, tmp_path / "straight", **options).out
@@ -168,6 +174,8 @@ def test_bad_settings_and_data_are_one_line_errors(tiny: dict[str, Path], tmp_pa
              ({"out": used}, BadSetting, "already exists"), ({"resume": True}, BadSetting, "no checkpoint"),
              ({"data": tmp_path / "missing.json"}, BadDataset, "no such file"),
              ({"eval_split": 0.99}, BadDataset, "no training samples"),
+             ({"precision": "fp8"}, BadSetting, "--precision must be one of"),
+             ({"mix": (tmp_path / "missing-mix",)}, BadDataset, "missing-mix"),
              ({"stage": "lora", "target_modules": ("qkv_linear",)}, BadSetting, "--target-modules qkv_linear")]
     for overrides, error, message in cases:
         with pytest.raises(error, match=message) as caught:
