@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import _thread
 import json
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,14 +28,15 @@ from cli.prompt_input import make_reader
 
 
 class CtrlCBackend(FakeBackend):
-    """Delivers a real KeyboardInterrupt to the main thread mid-answer, as Ctrl+C does."""
+    """Sends the process a real SIGINT mid-answer, as Ctrl+C does (a real signal also wakes a main thread that is
+    blocked waiting, where ``_thread.interrupt_main`` only schedules the handler: flaky on a loaded machine)."""
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions,
                adapter: str | None = None) -> Iterator[str]:
         for index, chunk in enumerate(super().stream(messages, options, adapter)):
             yield chunk
             if index == 1:
-                _thread.interrupt_main()
+                os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)  # interrupted here, like a long generation
 
 
