@@ -107,7 +107,12 @@ def test_image_to_a_text_only_model_is_refused(store: object, sample_png: Path, 
 def test_ctrl_c_keeps_the_partial_answer_and_a_second_ctrl_c_exits(store: object, tmp_path: Path) -> None:
     backend = CtrlCBackend(["one two three four five six"])
     manager = DialogueManager(backend, store)  # type: ignore[arg-type]
-    output = run_session(manager, "count please\rnext\r\x03\x03", tmp_path)
+    # Python's own SIGINT handler, as in `iris chat`: a library used by an earlier test may have replaced it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        output = run_session(manager, "count please\rnext\r\x03\x03", tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "interrupted — partial answer kept" in output
     history = manager.history(manager.store.list_conversations()[0].id)
     assert history[1] == Message(Role.ASSISTANT, "one two", interrupted=True, id=history[1].id)
