@@ -25,14 +25,16 @@ def tensor_bytes(tensor: Any) -> int:
 
 
 def kv_cache_bytes(cache: Any) -> int:
-    """Bytes held by a transformers ``Cache`` (keys and values of every layer)."""
-    total = 0
+    """Bytes held by a transformers ``Cache``: the memory behind every layer's keys and values, spare room past
+    the cached tokens included (keys and values may be views of larger buffers), each buffer counted once."""
+    buffers: dict[int, int] = {}
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
-            if tensor is not None and hasattr(tensor, "numel"):
-                total += tensor_bytes(tensor)
-    return total
+            if tensor is not None and hasattr(tensor, "untyped_storage"):
+                storage = tensor.untyped_storage()
+                buffers[storage.data_ptr()] = storage.nbytes()
+    return sum(buffers.values())
 
 
 class ByteLRU:

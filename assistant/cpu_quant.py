@@ -3,7 +3,7 @@
 A CPU decodes at the speed it streams weights from memory, so fewer bytes per weight is most of the speed.
 
 - ``fp16`` (what ``--quant auto`` picks on an x86 CPU): the language model's Linear weights are held in fbgemm's
-  packed half-precision form and multiplied in fp32 (``quantized::linear_dynamic_fp16``): half the bytes of fp32,
+  packed half-precision form and multiplied in fp32 (``fp16_kernels``): half the bytes of fp32,
   twice its decode speed or more, and the same greedy answers (bench/int8_agreement.py on the default model: 99.8%
   token agreement, 27 of 28 answers identical, vision key words 0.71 as fp32). ``HalfLinear`` is still an
   ``nn.Linear`` to PEFT, so LoRA adapters attach, switch and detach on top of it as on full precision.
@@ -20,6 +20,7 @@ The vision tower, the projector and LoRA matrices stay in full precision.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -51,8 +52,40 @@ def half_weights_supported() -> bool:
 
 
 @cache
+def fp16_kernels() -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]:
+    """``(pack, multiply)`` for fp16 weights: ``packed = pack(weight, bias)`` once, then ``multiply(x, packed)``.
+
+    ATen's own fbgemm functions where this PyTorch still has them (deprecated since 2022; each warns once per
+    process, silenced here); else the quantized engine's ops: the same fbgemm kernel and the same numbers, but each
+    call costs about 10 us more through TorchBind, and a SmolLM2 token takes 211 products (a decode step measured
+    25.8 ms of CPU against 23.0).
+    """
+    import warnings
+
+    import torch
+
+    if not hasattr(torch, "fbgemm_linear_fp16_weight"):
+        return torch.ops.quantized.linear_prepack_fp16, torch.ops.quantized.linear_dynamic_fp16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = torch.fbgemm_pack_gemm_matrix_fp16(torch.zeros(1, 1))
+        torch.fbgemm_linear_fp16_weight(torch.zeros(1, 1), probe, torch.zeros(1))
+
+    def pack(weight: Any, bias: Any) -> tuple[Any, Any]:
+        return (torch.fbgemm_pack_gemm_matrix_fp16(weight),
+                bias.detach() if bias is not None else weight.new_zeros(weight.shape[0]))
+
+    def multiply(x: Any, packed: tuple[Any, Any]) -> Any:
+        return torch.fbgemm_linear_fp16_weight(x, *packed)
+
+    return pack, multiply
+
+
+@cache
 def _half_linear_class() -> type:
     import torch
+
+    pack, multiply = fp16_kernels()
 
     class HalfLinear(torch.nn.Linear):
         """An ``nn.Linear`` whose weight lives packed in fp16 (fbgemm); inputs and outputs stay fp32.
@@ -65,10 +98,10 @@ def _half_linear_class() -> type:
             self.in_features, self.out_features = linear.in_features, linear.out_features
             self.weight = torch.nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
             self.register_parameter("bias", None)  # packed with the weight
-            self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach(), linear.bias)
+            self.packed = pack(linear.weight.detach(), linear.bias)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+            return multiply(x, self.packed)
 
     return HalfLinear
 

@@ -7,7 +7,9 @@
    (the GGUF as ``--model``): the vision model must decode as fast as its language model alone (target >= 0.95).
 2. Served: Iris's OpenAI backend in front of that server vs calling it directly over HTTP (target >= 0.95).
 3. The physical limit: this machine's memory bandwidth over the bytes of weights one token reads.
-Every round runs all of them once, in turn; medians of the rounds are compared. Run: ``python bench/peers.py``.
+Every round runs all of them once, in turn; medians of the rounds are compared. Beside each wall-clock ratio, the
+same ratio in CPU time (tokens per CPU second: Iris decodes in the bench's thread, llama.cpp's server process is read
+from ``psutil``), which other work on a shared machine disturbs far less. Run: ``python bench/peers.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -47,13 +51,21 @@ LOCAL = {"default": "default model, --quant auto (fp16 weights)", "int8": "defau
          "none": "default model, --quant none (fp32)", "bare": "bare SmolLM2 (the GGUF), --quant auto"}
 
 
-def iris_rate(backend: LocalBackend, work: Path, tokenizer: Any) -> float:
+def iris_rate(backend: LocalBackend, work: Path, tokenizer: Any) -> tuple[float, float]:
+    """Tokens per second of one answer, and per CPU second of this thread (where the CPU path decodes)."""
     manager = DialogueManager(backend, Store(work / f"{time.monotonic_ns()}.db"), default_system_prompt=SYSTEM,
                               default_options=GenerationOptions(temperature=0, max_new_tokens=NEW_TOKENS))
     conversation = manager.new_conversation()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.thread_time()
     text = manager.send(conversation, QUESTION).run()
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) / (time.perf_counter() - started)
+    seconds, cpu_seconds = time.perf_counter() - started, time.thread_time() - cpu_started
+    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return tokens / seconds, tokens / cpu_seconds
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def direct_http(url: str) -> tuple[float, int]:
@@ -113,35 +125,48 @@ def main() -> None:
     tokenizer = backends["bare"].loaded.tokenizer
     peers = [f"llama.cpp, {threads} thread(s)" for threads in SERVERS]
     rates: dict[str, list[float]] = {**{peer: [] for peer in peers}, **{name: [] for name in backends}}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in rates}
     served: dict[str, list[float]] = {"direct": [], "iris": []}
     with tempfile.TemporaryDirectory() as work_dir, contextlib.ExitStack() as servers:
         work = Path(work_dir)
-        urls = [servers.enter_context(llama_server(threads=threads)) for threads in SERVERS]
+        urls, processes = [], []
+        for threads in SERVERS:
+            known = {child.pid for child in psutil.Process().children()}
+            urls.append(servers.enter_context(llama_server(threads=threads)))
+            processes.append(next(child for child in psutil.Process().children() if child.pid not in known))
         for url in urls:  # warm-ups
             direct_http(url)
         iris_http_seconds(urls[-1], work)
         for backend in backends.values():
             iris_rate(backend, work, tokenizer)
         for _ in range(ROUNDS):
-            for peer, url in zip(peers, urls, strict=True):
+            for peer, url, process in zip(peers, urls, processes, strict=True):
+                cpu_started = cpu_seconds(process)
                 seconds, tokens = direct_http(url)
                 rates[peer].append(tokens / seconds)
+                cpu_rates[peer].append(tokens / (cpu_seconds(process) - cpu_started))
                 if url == urls[-1]:  # the served comparison uses the 1-thread server: steadier on a busy machine
                     served["direct"].append(seconds)
             served["iris"].append(iris_http_seconds(urls[-1], work))
             for name, backend in backends.items():
-                rates[name].append(iris_rate(backend, work, tokenizer))
+                rate, cpu_rate = iris_rate(backend, work, tokenizer)
+                rates[name].append(rate)
+                cpu_rates[name].append(cpu_rate)
     medians = {name: statistics.median(values) for name, values in rates.items()}
-    peer = max(peers, key=medians.__getitem__)
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_rates.items()}
+    peer, cpu_peer = max(peers, key=medians.__getitem__), peers[-1]  # CPU time: the 1-thread server
     print(f"SmolLM2-135M-Instruct, {NEW_TOKENS} greedy tokens, median of {ROUNDS} alternating rounds, "
           f"load average at the start: {load_average:.1f} on {os.cpu_count()} CPUs")
     for name in peers:
-        print(f"{name + ' (xllamacpp server, GGUF Q4_1)':<50} {medians[name]:6.1f} tok/s")
+        print(f"{name + ' (xllamacpp server, GGUF Q4_1)':<50} {medians[name]:6.1f} tok/s   "
+              f"{cpu_medians[name]:6.1f} tok per CPU s")
     for name, label in LOCAL.items():
         ratio = medians[name] / medians[peer]
         target = "   (target >= 0.5)" if name == "default" else ""
-        print(f"Iris, {label:<44} {medians[name]:6.1f} tok/s   ratio {ratio:.2f} to {peer}{target}")
-    print(f"default vision model / bare language model: {medians['default'] / medians['bare']:.2f} (target >= 0.95)")
+        print(f"Iris, {label:<44} {medians[name]:6.1f} tok/s   {cpu_medians[name]:6.1f} tok per CPU s   "
+              f"ratio {ratio:.2f} to {peer}{target}, in CPU time {cpu_medians[name] / cpu_medians[cpu_peer]:.2f}")
+    print(f"default vision model / bare language model: {medians['default'] / medians['bare']:.2f}, in CPU time "
+          f"{cpu_medians['default'] / cpu_medians['bare']:.2f} (target >= 0.95)")
     direct, through = statistics.median(served["direct"]), statistics.median(served["iris"])
     print(f"llama.cpp server direct: {direct:.2f} s   through Iris's OpenAI backend: {through:.2f} s   "
           f"ratio {direct / through:.3f} (target >= 0.95)")

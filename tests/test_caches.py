@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tiny_models import save_tiny_llama, save_tiny_llava
@@ -113,11 +114,12 @@ def test_pixel_path_and_feature_splicing_agree(model_dirs: dict[str, Path], samp
 
 
 def test_cache_memory_stays_within_budget(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    backend = _backend(model_dirs["llama"], kv_cache_bytes=120_000)
+    """Room for two of the four conversations: each entry counts its KV cache's spare room too."""
+    backend = _backend(model_dirs["llama"], kv_cache_bytes=200_000)
     stores = [Store(tmp_path / f"{index}.db") for index in range(4)]
     for index, store in enumerate(stores):  # four "channels" talking at once
         _converse(backend, store, [(f"channel {index} says hello " * 3, [])])
-    assert backend.prefix_cache.used_bytes <= 120_000
+    assert backend.prefix_cache.used_bytes <= 200_000
     assert backend.prefix_cache.evictions > 0 and len(backend.prefix_cache) >= 2
     evicted_again = _converse(backend, stores[0], [("channel 0 says hello " * 3, [])])
     assert evicted_again == _converse(_backend(model_dirs["llama"], kv_cache_bytes=0), Store(tmp_path / "c.db"),
@@ -171,3 +173,32 @@ def test_an_image_in_the_history_is_decoded_once_not_on_every_turn(model_dirs: d
     assert answers == _converse(_backend(model_dirs["llava"], kv_cache_bytes=0, feature_cache_bytes=0,
                                          decoded_image_bytes=0), Store(tmp_path / "cold.db"), turns)
     assert calls_after_images <= 4  # per image: its token count and its features, then never again
+
+
+def test_a_conversations_next_turn_writes_into_its_stored_kv_buffers(model_dirs: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """The KV cache stored after a turn keeps its spare room (counted in the budget), and the next turn's prefill
+    appends to those very buffers: the history is not copied again on every turn (only when the room is full)."""
+    from assistant.caches import kv_cache_bytes
+
+    backend = _backend(model_dirs["llama"])
+    decoder = backend.loaded.model.get_decoder()
+    events: list[tuple[str, int, int]] = []  # (before/after a forward, its new tokens, layer 0's key buffer)
+    caches: list[Any] = []
+
+    def record(phase: str, kwargs: dict[str, Any]) -> None:
+        keys = kwargs["cache"].layers[0].keys
+        events.append((phase, kwargs["input_ids"].shape[1], 0 if keys is None else keys.untyped_storage().data_ptr()))
+        caches.append(kwargs["cache"])
+
+    decoder.register_forward_pre_hook(lambda module, args, kwargs: record("before", kwargs), with_kwargs=True)
+    decoder.register_forward_hook(lambda module, args, kwargs, output: record("after", kwargs), with_kwargs=True)
+    _converse(backend, Store(tmp_path / "x.db"), [(f"turn {index}: and then?", []) for index in range(4)])
+    prefills = [index for index, (phase, tokens, _) in enumerate(events) if phase == "before" and tokens > 1]
+    assert len(prefills) == 4 and backend.prefix_cache.hits == 3
+    assert all(events[index][2] == events[index - 1][2] for index in prefills[1:])
+    stored = caches[-1]
+    keys = stored.layers[0].keys
+    assert keys.untyped_storage().nbytes() > keys.numel() * keys.element_size()  # spare room...
+    assert backend.prefix_cache.used_bytes == kv_cache_bytes(stored) == sum(  # ...counted
+        layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in stored.layers)

@@ -140,3 +140,53 @@ def test_every_familys_text_turn_decodes_as_generate_does(name: str, tmp_path: P
     backend = _backend(FAMILY_BUILDERS[name](tmp_path / name), kv_cache_bytes=0)
     messages = _conversation("hello", "and more")
     assert "".join(backend.stream(messages, GREEDY)) == _generate(backend, messages, GREEDY)
+
+
+def test_a_prefill_over_a_cached_prefix_attends_as_transformers_sdpa_does(model_dirs: dict[str, Path],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU, a prefill over cached tokens (a conversation's next turn) runs SDPA's grouped-query mode instead of
+    copying each key/value head per query head: the logits transformers' own SDPA gives, bit for bit."""
+    from transformers import DynamicCache
+
+    from assistant.engine import CPU_ATTENTION
+
+    model = _backend(model_dirs["llama"]).loaded.model
+    config = model.get_decoder().config
+    assert config._attn_implementation == CPU_ATTENTION and config.num_key_value_heads < config.num_attention_heads
+    calls: list[tuple[int, bool, bool]] = []  # (query tokens, masked, grouped-query mode)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append((query.shape[2], kwargs.get("attn_mask") is not None, bool(kwargs.get("enable_gqa"))))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    ids = torch.arange(3, 33).view(1, -1)
+
+    def logits(implementation: str) -> torch.Tensor:
+        config._attn_implementation = implementation
+        cache = DynamicCache(config=config)
+        with torch.inference_mode():
+            model(input_ids=ids[:, :20], cache=cache, use_cache=True)
+            return model(input_ids=ids[:, 20:], cache=cache, use_cache=True).logits
+
+    ours = logits(CPU_ATTENTION)
+    assert (10, True, True) in calls
+    calls.clear()
+    assert torch.equal(ours, logits("sdpa")) and (10, True, False) in calls
+
+
+def test_fp16_weights_multiply_alike_on_either_kernel() -> None:
+    """The fp16 layers' fast path (ATen's fbgemm functions) gives the numbers of the quantized engine's ops, which
+    serve in its place on a PyTorch without it."""
+    from assistant.cpu_quant import fp16_kernels, half_weights_supported
+
+    if not half_weights_supported():
+        pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
+    pack, multiply = fp16_kernels()
+    for linear in (torch.nn.Linear(64, 96), torch.nn.Linear(64, 96, bias=False)):
+        weight = linear.weight.detach()
+        x = torch.randn(2, 5, 64)
+        packed = torch.ops.quantized.linear_prepack_fp16(weight, linear.bias)
+        expected = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+        assert torch.equal(multiply(x, pack(weight, linear.bias)), expected)
