@@ -33,6 +33,7 @@ from assistant.caches import DecodedImageCache, ImageFeatureCache, PrefixHit, Pr
 from assistant.config import GenerationOptions
 from assistant.cpu_quant import packed_weights, single_thread_decode
 from assistant.errors import BadAdapter
+from assistant.lean_decode import lean_token_step
 from assistant.messages import BASE_MODEL, ImageAttachment, Message
 from assistant.model import LoadedModel, attach_adapter, detach_adapter
 from assistant.prompt import PromptRenderer
@@ -337,6 +338,7 @@ class LocalBackend:
 
         model = self.loaded.model
         step = _language_model_step(model, self.loaded.accepts_images)
+        token_step = lean_token_step(model) if self.loaded.device == "cpu" else None
         pick = TokenPicker(options, model.generation_config)
         chunks = TextChunks(self.loaded.tokenizer)
         sequence = inputs["input_ids"]
@@ -361,7 +363,7 @@ class LocalBackend:
                     break
                 consistent = False
                 with torch.inference_mode():
-                    logits = step(kv_cache, input_ids=token)
+                    logits = token_step(kv_cache, token) if token_step else step(kv_cache, input_ids=token)
                 consistent = True
             yield from chunks.end()
         finally:

@@ -190,3 +190,40 @@ def test_fp16_weights_multiply_alike_on_either_kernel() -> None:
         packed = torch.ops.quantized.linear_prepack_fp16(weight, linear.bias)
         expected = torch.ops.quantized.linear_dynamic_fp16(x, packed)
         assert torch.equal(multiply(x, pack(weight, linear.bias)), expected)
+
+
+@pytest.mark.parametrize("quant", ["none", "auto", "int8"])
+def test_a_llama_decoders_token_step_gives_its_own_forwards_logits(model_dirs: dict[str, Path], quant: str) -> None:
+    """``lean_token_step`` runs one token through a Llama decoder's modules without their machinery: logits equal,
+    bit for bit, to the module path's, for a text model, a vision model's language model and a LoRA adapter."""
+    from assistant.engine import _growing_cache, _language_model_step
+    from assistant.lean_decode import lean_token_step
+
+    for name, adapters in (("llama", ()), ("llava", ()), ("llama", (str(model_dirs["lora"]),))):
+        model = load(ModelOptions(model=str(model_dirs[name]), quant=quant, adapters=adapters), Paths.default()).model
+        token_step, module_step = lean_token_step(model), _language_model_step(model, name == "llava")
+        assert token_step is not None
+        lean_cache, module_cache = (_growing_cache(model.config.get_text_config(decoder=True)) for _ in range(2))
+        with torch.inference_mode():
+            prompt = torch.arange(5, 25).view(1, -1)
+            module_step(lean_cache, input_ids=prompt)
+            module_step(module_cache, input_ids=prompt)
+            for token in (7, 30, 12, 12, 19):
+                ids = torch.tensor([[token]])
+                assert torch.equal(token_step(lean_cache, ids), module_step(module_cache, input_ids=ids))
+        assert lean_cache.get_seq_length() == module_cache.get_seq_length() == 25
+
+
+def test_other_decoders_and_hooked_ones_take_the_modules_path(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Only decoders whose code the lean step reproduces get it; a forward hook (a profiler, a test's counter) keeps
+    the module path, so the hook sees every token."""
+    from assistant.lean_decode import lean_token_step
+
+    gemma = load(ModelOptions(model=str(FAMILY_BUILDERS["gemma3"](tmp_path / "gemma3")), quant="none"),
+                 Paths.default()).model
+    assert lean_token_step(gemma) is None
+    llama = load(ModelOptions(model=str(model_dirs["llama"]), quant="none"), Paths.default()).model
+    hook = llama.model.layers[1].mlp.register_forward_hook(lambda *args: None)
+    assert lean_token_step(llama) is None
+    hook.remove()
+    assert lean_token_step(llama) is not None
