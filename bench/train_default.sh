@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The recipe of the embedded default model's weights, with Iris's own commands only (no side scripts):
-#   1. compose a fresh base (embedded SmolLM2-135M-Instruct + DINOv2 ViT-S/14, class token kept);
+#   1. compose a fresh base (embedded SmolLM2-135M-Instruct + DINOv2 ViT-S/14's first VISION_LAYERS layers, class
+#      token kept): the projector reads a middle layer, where DINOv2 still holds colour;
 #   2. synthetic shapes in the training styles: single objects (the curriculum's first stage), then 1-4 objects;
 #      text-only samples answered by the base LM itself (self-distillation keeps its text answers);
 #   3. `iris train` twice: single objects, then everything with --from stage 1. STAGE=projector (the default)
@@ -11,12 +12,13 @@
 # The weights to ship are WORK/stage2's: projector.safetensors (+ the PEFT files with LoRA) and iris_manifest.json.
 #
 # Usage: bash bench/train_default.sh WORK [MINUTES]     (CPU: about MINUTES + 15 minutes in all)
-# Knobs (environment): IMAGE_SIZE (112; the GPU script uses 224), SINGLE and SHAPES (sample counts), TEXT (distilled
+# Knobs (environment): IMAGE_SIZE (112; the GPU script uses 224), VISION_LAYERS (8 of 12), SINGLE and SHAPES (sample counts), TEXT (distilled
 # text samples) and TEXT_WEIGHT (times each is mixed in), BATCH, LORA_R, PER_SKILL (eval questions per skill), IRIS (the iris command).
 set -euo pipefail
 WORK=${1:?usage: bash bench/train_default.sh WORK [MINUTES]}
 MINUTES=${2:-60}
 IMAGE_SIZE=${IMAGE_SIZE:-112}
+VISION_LAYERS=${VISION_LAYERS:-8}
 SINGLE=${SINGLE:-3000}
 SHAPES=${SHAPES:-4000}
 TEXT=${TEXT:-150}
@@ -34,7 +36,7 @@ stage2_minutes=$(python3 -c "print(round($MINUTES * 0.75, 1))")
 
 step() { echo "== $(date +%H:%M:%S) $*"; }
 
-[ -d "$WORK/base" ] || { step "compose the base at ${IMAGE_SIZE} px"; $IRIS build --out "$WORK/base" --image-size "$IMAGE_SIZE" --class-token; }
+[ -d "$WORK/base" ] || { step "compose the base at ${IMAGE_SIZE} px"; $IRIS build --out "$WORK/base" --image-size "$IMAGE_SIZE" --class-token --vision-layers "$VISION_LAYERS"; }
 [ -d "$WORK/single" ] || { step "single-object shapes"; $IRIS data synth --out "$WORK/single" --n "$SINGLE" --max-objects 1 --seed 101; }
 [ -d "$WORK/shapes" ] || { step "1-4 object shapes"; $IRIS data synth --out "$WORK/shapes" --n "$SHAPES" --seed 102; }
 [ -d "$WORK/heldout" ] || { step "held-out eval suite"; $IRIS data synth --eval-suite --out "$WORK/heldout" --per-skill "$PER_SKILL" --seed 104; }

@@ -175,6 +175,25 @@ def test_same_seed_same_projector(parts: dict[str, Path], llava_dir: Path, tmp_p
     assert torch.equal(first, second) and not torch.equal(first, third)
 
 
+@pytest.mark.parametrize("tower", ["dinov2", "clip", "siglip"])
+def test_vision_layers_keep_the_towers_first_layers(parts: dict[str, Path], llava_dir: Path, tmp_path: Path,
+                                                    tower: str) -> None:
+    """``vision_layers`` drops the tower's last layers: the projector then reads what the whole tower's middle
+    layer gives (its hidden state at that depth), and the model reloads from its saved config."""
+    full = compose_llava(parts["llm"], parts[tower], tmp_path / "full", image_size=56)
+    short = compose_llava(parts["llm"], parts[tower], tmp_path / "short", image_size=56, vision_layers=1)
+    assert json.loads((short / BUILD_FILE).read_text())["vision_layers"] == 1
+    whole, first = (AutoModelForImageTextToText.from_pretrained(directory) for directory in (full, short))
+    assert first.config.vision_config.num_hidden_layers == 1 and whole.config.vision_config.num_hidden_layers == 2
+    first.model.multi_modal_projector.load_state_dict(whole.model.multi_modal_projector.state_dict())
+    pixels = torch.rand(1, 3, 56, 56)
+    with torch.inference_mode():  # the full tower read at its first layer
+        expected = whole.get_image_features(pixel_values=pixels, vision_feature_layer=1)
+        got = first.get_image_features(pixel_values=pixels)
+    expected, got = (getattr(out, "pooler_output", out) for out in (expected, got))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
 def test_refuses_bad_parts_and_busy_output(parts: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="multiple of the patch size 14"):
         compose_llava(parts["llm"], parts["dinov2"], tmp_path / "a", image_size=50)
@@ -203,6 +222,8 @@ def test_cli_builds_into_an_empty_dir(parts: dict[str, Path], tmp_path: Path) ->
 @pytest.mark.parametrize(("size", "make_busy", "message"), [
     ("50", False, "error: image size 50 must be a positive multiple of the patch size 14\n"),
     ("56", True, "already exists and is not an empty directory"),
+    ("56 --vision-layers 3", False, "error: --vision-layers 3: the tower has 2 layers; keep 1 to 2\n"),
+    ("56 --vision-layers 0", False, "error: --vision-layers 0: the tower has 2 layers; keep 1 to 2\n"),
 ])
 def test_cli_errors_are_one_line(parts: dict[str, Path], tmp_path: Path, size: str, make_busy: bool,
                                  message: str) -> None:
@@ -211,7 +232,7 @@ def test_cli_errors_are_one_line(parts: dict[str, Path], tmp_path: Path, size: s
         out.mkdir()
         (out / "x").write_text("x")
     result = CliRunner().invoke(app, ["build", "--llm", str(parts["llm"]), "--vision", str(parts["dinov2"]),
-                                        "--image-size", size, "--out", str(out)])
+                                        "--image-size", *size.split(), "--out", str(out)])
     assert result.exit_code == 1
     assert message in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1

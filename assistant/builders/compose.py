@@ -11,7 +11,10 @@ Every image is resized to one square size, so it always costs ``(image_size // p
 the projector reads the tower's last encoder layer as LLaVA selects it (before any final layer norm, so
 DINOv2's and SigLIP's final norm go unused), minus the CLS token if the tower has one, unless ``class_token``
 keeps it (one more token per image: a summary of the whole image, which small LMs read more easily than the
-patches). Towers whose
+patches). ``vision_layers`` keeps only the tower's first layers, so the projector reads a middle layer: DINOv2 is
+trained to ignore colour changes, and hue fades with depth (a linear probe on the shape's patches finds the hue
+93-98% right at layers 3-8 of 12, 64% at the last, on held-out drawings), while shape and position stay readable;
+the layers dropped also cost nothing any more. Towers whose
 positions are fixed to a native size (CLIP, SigLIP) get their position table resampled once, with the
 tower's own ``interpolate_pos_encoding``, to the chosen size; DINOv2 interpolates at run time as is.
 """
@@ -43,7 +46,7 @@ class BuildError(IrisError):
 
 
 def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: int = 112, seed: int = 0,
-                  class_token: bool = False) -> Path:
+                  class_token: bool = False, vision_layers: int | None = None) -> Path:
     """Write a LLaVA model made of ``llm_dir``'s LM, ``vision_dir``'s tower and a fresh projector to ``out_dir``.
 
     ``seed`` fixes the projector (and a new ``<image>`` embedding row), so the same parts give the same
@@ -54,7 +57,7 @@ def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: in
 
     check_out_dir(out_dir)
     torch.manual_seed(seed)
-    tower, extra_tokens = load_vision_tower(vision_dir, image_size)
+    tower, extra_tokens = load_vision_tower(vision_dir, image_size, vision_layers)
     patch_size = int(tower.config.patch_size)
     lm, tokenizer = _load_llm(llm_dir)
     image_token_id = _add_image_token(lm, tokenizer)
@@ -73,6 +76,7 @@ def compose_llava(llm_dir: Path, vision_dir: Path, out_dir: Path, image_size: in
     projector = model.model.multi_modal_projector
     record = {"llm": str(llm_dir), "vision": str(vision_dir), "vision_model_type": tower.config.model_type,
               "image_size": image_size, "patch_size": patch_size, "tokens_per_image": tokens_per_image,
+              "vision_layers": tower.config.num_hidden_layers,
               "class_token": bool(extra_tokens and keep_extra), "image_token": IMAGE_TOKEN,
               "image_token_id": image_token_id,
               "projector": {"in": projector.linear_1.in_features, "hidden": projector.linear_1.out_features,
@@ -108,8 +112,10 @@ def check_out_dir(out_dir: Path) -> None:
         raise BuildError(f"{out_dir}: already exists and is not an empty directory; choose a new --out")
 
 
-def load_vision_tower(vision_dir: Path, image_size: int) -> tuple[PreTrainedModel, int]:
-    """The vision part of ``vision_dir`` as a standalone tower for ``image_size`` px, and its extra tokens.
+def load_vision_tower(vision_dir: Path, image_size: int,
+                      layers: int | None = None) -> tuple[PreTrainedModel, int]:
+    """The vision part of ``vision_dir`` as a standalone tower for ``image_size`` px (its first ``layers`` layers,
+    or all), and its extra tokens.
 
     Full models (CLIP, SigLIP, even a LLaVA) give up their ``vision_config`` and its weights. The extra
     token count (1 for a CLS token, 0 for SigLIP) is measured by running the tower once, not assumed.
@@ -119,6 +125,8 @@ def load_vision_tower(vision_dir: Path, image_size: int) -> tuple[PreTrainedMode
 
     vision_config = _vision_config(vision_dir)
     patch_size = _fit(vision_config, image_size)
+    if layers is not None:
+        vision_config = _first_layers(vision_config, check_vision_layers(vision_dir, layers))
     try:
         source = AutoModel.from_pretrained(vision_dir, dtype=torch.float32)
         tower = AutoModel.from_config(vision_config)
@@ -141,6 +149,24 @@ def load_vision_tower(vision_dir: Path, image_size: int) -> tuple[PreTrainedMode
         raise BuildError(f"{vision_dir}: the tower adds {extra} tokens besides the patches; "
                          "only a CLS token (or none) can be dropped")
     return tower, extra
+
+
+def _first_layers(vision_config: Any, layers: int) -> Any:
+    """A copy of ``vision_config`` for the tower's first ``layers`` layers; a backbone's (DINOv2's) stages follow."""
+    vision_config = copy.deepcopy(vision_config)
+    vision_config.num_hidden_layers = layers
+    if hasattr(vision_config, "stage_names"):
+        vision_config.stage_names = ["stem"] + [f"stage{index}" for index in range(1, layers + 1)]
+        vision_config.set_output_features_output_indices(out_features=None, out_indices=None)
+    return vision_config
+
+
+def check_vision_layers(vision_dir: Path, layers: int) -> int:
+    """``layers`` once it is known to be between 1 and the tower's own number of layers."""
+    available = int(getattr(_vision_config(vision_dir), "num_hidden_layers", 0) or 0)
+    if not 1 <= layers <= available:
+        raise BuildError(f"--vision-layers {layers}: the tower has {available} layers; keep 1 to {available}")
+    return layers
 
 
 def check_image_size(vision_dir: Path, image_size: int) -> int:
