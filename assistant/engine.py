@@ -311,13 +311,15 @@ class LocalBackend:
         """Yield text chunks; closing the iterator stops generation and releases the device.
 
         On a CPU the tokens are decoded here, in the caller's thread, through the language model alone
-        (``_decode_here``); ``generate`` in a worker thread serves other devices and inputs that only the
-        family's own forward understands (pixel values given to the processor, M-RoPE positions).
+        (``_decode_here``): the images' encoding and the prefill (large products, long attention) use the
+        process's threads, each token one thread (a few hundred tiny kernels, where a thread team only waits).
+        ``generate`` in a worker thread serves other devices and inputs that only the family's own forward
+        understands (pixel values given to the processor, M-RoPE positions).
         """
         import torch
 
         adapter = self.resolve_adapter(adapter)
-        with self._lock, self._adapter_scope(adapter), _torch_threads(1 if self._one_thread else None):
+        with self._lock, self._adapter_scope(adapter):
             with torch.inference_mode():
                 inputs, cache_key = self._inputs(messages, adapter)
             hit = self.prefix_cache.take(adapter, cache_key) if cache_key is not None else None
@@ -326,7 +328,8 @@ class LocalBackend:
             if self.loaded.device == "cpu" and set(inputs) <= LANGUAGE_MODEL_INPUTS:
                 yield from self._decode_here(inputs, hit, cache_key, options, adapter)
             else:
-                yield from self._generate_in_worker(inputs, hit, cache_key, options, adapter)
+                with _torch_threads(1 if self._one_thread else None):
+                    yield from self._generate_in_worker(inputs, hit, cache_key, options, adapter)
 
     def _decode_here(self, inputs: dict[str, Any], hit: PrefixHit | None, cache_key: tuple[int, ...] | None,
                      options: GenerationOptions, adapter: str | None) -> Iterator[str]:
@@ -353,18 +356,19 @@ class LocalBackend:
                 else:
                     logits = step(kv_cache, input_ids=sequence[:, done:])
             consistent = True
-            while True:
-                with torch.inference_mode():
-                    token = pick(sequence, logits)
-                sequence = torch.cat([sequence, token], dim=-1)
-                generated.append(int(token))
-                yield from chunks.put(token[0])
-                if generated[-1] in pick.eos or len(generated) >= options.max_new_tokens:
-                    break
-                consistent = False
-                with torch.inference_mode():
-                    logits = token_step(kv_cache, token) if token_step else step(kv_cache, input_ids=token)
-                consistent = True
+            with _torch_threads(1 if self._one_thread else None):  # tokens: see ``stream``
+                while True:
+                    with torch.inference_mode():
+                        token = pick(sequence, logits)
+                    sequence = torch.cat([sequence, token], dim=-1)
+                    generated.append(int(token))
+                    yield from chunks.put(token[0])
+                    if generated[-1] in pick.eos or len(generated) >= options.max_new_tokens:
+                        break
+                    consistent = False
+                    with torch.inference_mode():
+                        logits = token_step(kv_cache, token) if token_step else step(kv_cache, input_ids=token)
+                    consistent = True
             yield from chunks.end()
         finally:
             if consistent and cache_key is not None:

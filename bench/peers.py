@@ -8,7 +8,7 @@
 2. Served: Iris's OpenAI backend in front of that server vs calling it directly over HTTP (target >= 0.95).
 3. The physical limit: this machine's memory bandwidth over the bytes of weights one token reads.
 Every round runs all of them once, in turn; medians of the rounds are compared. Beside each wall-clock ratio, the
-same ratio in CPU time (tokens per CPU second: Iris decodes in the bench's thread, llama.cpp's server process is read
+same ratio in CPU time (tokens per CPU second: Iris's process, all threads; llama.cpp's server process is read
 from ``psutil``), which other work on a shared machine disturbs far less. Run: ``python bench/peers.py``.
 """
 
@@ -52,13 +52,13 @@ LOCAL = {"default": "default model, --quant auto (fp16 weights)", "int8": "defau
 
 
 def iris_rate(backend: LocalBackend, work: Path, tokenizer: Any) -> tuple[float, float]:
-    """Tokens per second of one answer, and per CPU second of this thread (where the CPU path decodes)."""
+    """Tokens per second of one answer, and per CPU second of this process (all its threads)."""
     manager = DialogueManager(backend, Store(work / f"{time.monotonic_ns()}.db"), default_system_prompt=SYSTEM,
                               default_options=GenerationOptions(temperature=0, max_new_tokens=NEW_TOKENS))
     conversation = manager.new_conversation()
-    started, cpu_started = time.perf_counter(), time.thread_time()
+    started, cpu_started = time.perf_counter(), time.process_time()
     text = manager.send(conversation, QUESTION).run()
-    seconds, cpu_seconds = time.perf_counter() - started, time.thread_time() - cpu_started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return tokens / seconds, tokens / cpu_seconds
 

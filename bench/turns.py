@@ -4,8 +4,8 @@
    ratios (target with caching: <= 1.5), and whether greedy answers are identical with and without caches.
 2. One new image in every turn (20 images), three conversations on fresh backends: median TTFT at turn 1 and turn
    20 (target turn-20 / turn-1 <= 1.5), and how often each image was decoded and run through the vision tower
-   (target: once per image per backend). Beside the wall-clock times, the CPU time of the same spans (on a CPU the
-   whole turn runs in the bench's thread), which other work on a shared machine disturbs far less.
+   (target: once per image per backend). Beside the wall-clock times, the CPU time of the same spans (the
+   process's, all its threads: the prefill uses several), which other work on a shared machine disturbs less.
 Run: ``python bench/turns.py``.
 """
 
@@ -52,18 +52,18 @@ def sample_images() -> list[ImageAttachment]:
 
 def run(backend: LocalBackend, store: Store,
         images_per_turn: list[list[ImageAttachment]]) -> tuple[list[float], list[str], list[float]]:
-    """Seconds to the first text of each turn, the answers, and the CPU seconds of this thread to that text."""
+    """Seconds to the first text of each turn, the answers, and the process's CPU seconds to that text."""
     manager = DialogueManager(backend, store, default_system_prompt="You are a helpful AI assistant named Iris.",
                               default_options=OPTIONS)
     conversation = manager.new_conversation()
     ttft, answers, ttft_cpu = [], [], []
     for turn, attached in enumerate(images_per_turn):
-        started, cpu_started = time.perf_counter(), time.thread_time()
+        started, cpu_started = time.perf_counter(), time.process_time()
         turn_stream = manager.send(conversation, f"Turn {turn + 1}: tell me one short fact about it.", attached)
         stream = iter(turn_stream)
         next(stream)
         ttft.append(time.perf_counter() - started)
-        ttft_cpu.append(time.thread_time() - cpu_started)
+        ttft_cpu.append(time.process_time() - cpu_started)
         for _ in stream:
             pass
         answers.append(turn_stream.text)

@@ -227,3 +227,23 @@ def test_other_decoders_and_hooked_ones_take_the_modules_path(model_dirs: dict[s
     assert lean_token_step(llama) is None
     hook.remove()
     assert lean_token_step(llama) is not None
+
+
+def test_the_prefill_uses_the_process_threads_and_each_token_one(model_dirs: dict[str, Path]) -> None:
+    """A small model's tokens decode on one thread (tiny kernels, where a thread team only waits); the prefill's
+    large products and long attention keep the process's threads; the setting is restored after the answer."""
+    backend = _backend(model_dirs["llama"], kv_cache_bytes=0)
+    seen: list[tuple[int, int]] = []  # (tokens in the forward, threads)
+    backend.loaded.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], torch.get_num_threads())),
+        with_kwargs=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert "".join(backend.stream(_conversation("hello"), GREEDY))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    prefill, *tokens = seen
+    assert prefill[0] > 1 and prefill[1] == 2
+    assert tokens and all(count == 1 and threads == 1 for count, threads in tokens)
