@@ -17,7 +17,6 @@ from typing import Any
 LLAMA_CLASSES = {"decoder": "LlamaModel", "layer": "LlamaDecoderLayer", "attention": "LlamaAttention",
                  "mlp": "LlamaMLP", "norm": "LlamaRMSNorm", "rotary": "LlamaRotaryEmbedding"}
 LLAMA_MODULE = "transformers.models.llama.modeling_llama"
-SDPA_IMPLEMENTATIONS = frozenset({"sdpa", "iris_cpu_sdpa"})  # both attend to one token as transformers' SDPA does
 
 
 def _is(module: Any, role: str) -> bool:
@@ -36,11 +35,13 @@ def _has_hooks(module: Any) -> bool:
 
 def _lean_decoder(decoder: Any) -> bool:
     """Whether ``decoder`` is built exactly as transformers' Llama code that ``lean_token_step`` reproduces."""
+    from assistant.engine import CPU_ATTENTION  # attends to one token exactly as transformers' SDPA does
+
     config = decoder.config
     rope = getattr(config, "rope_parameters", None) or {}
     return (_is(decoder, "decoder") and _is(decoder.norm, "norm") and _is(decoder.rotary_emb, "rotary")
             and rope.get("rope_type", "default") == "default" and decoder.rotary_emb.attention_scaling == 1.0
-            and config.hidden_act == "silu" and config._attn_implementation in SDPA_IMPLEMENTATIONS
+            and config.hidden_act == "silu" and config._attn_implementation in ("sdpa", CPU_ATTENTION)
             and all(_is(layer, "layer") and _is(layer.self_attn, "attention") and _is(layer.mlp, "mlp")
                     and _is(layer.input_layernorm, "norm") and _is(layer.post_attention_layernorm, "norm")
                     for layer in decoder.layers)
