@@ -17,6 +17,8 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.keys import Keys
 
 from cli.chat import HELP
 
@@ -51,12 +53,25 @@ def make_reader(history_file: Path | None, **session_options: Any) -> Callable[[
         return read_lines(sys.stdin.buffer if sys.stdin is not None else io.BytesIO())
     history = _private_history(history_file) if history_file is not None else InMemoryHistory()
     session: PromptSession[str] = PromptSession(history=history, completer=ChatCompleter(),
-                                                complete_while_typing=False, **session_options)
+                                                complete_while_typing=False, key_bindings=_no_mouse_reports(),
+                                                **session_options)
 
     def read(prompt: str, default: str = "") -> str:  # default: /edit's pre-filled text
         return session.prompt(prompt, default=default)
 
     return read
+
+
+def _no_mouse_reports() -> KeyBindings:
+    """Drop what prompt_toolkit parses as a mouse report. Iris asks the terminal for none, so one is escape bytes
+    typed at the prompt (``ESC [ 31 m``), on which prompt_toolkit's own handler raised and stopped the prompt."""
+    bindings = KeyBindings()
+
+    @bindings.add(Keys.Vt100MouseEvent)
+    def _drop(event: Any) -> None:
+        return None
+
+    return bindings
 
 
 def read_lines(stream: BinaryIO) -> Callable[[str], str]:

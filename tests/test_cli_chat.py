@@ -262,3 +262,12 @@ def test_an_adapter_hot_loaded_in_the_chat_answers_like_one_given_at_start(
         assert store.conversation(3).message_count == 2  # the refused load left the conversation as it was
     finally:
         store.close()
+
+
+def test_typed_escape_sequences_that_look_like_mouse_reports_do_not_crash_the_prompt() -> None:
+    """Iris asks the terminal for no mouse reports, so ``ESC [ 31 m`` typed at the prompt (prompt_toolkit reads it as
+    a malformed mouse report and raised) is dropped and the line still arrives."""
+    with create_pipe_input() as pipe:
+        read = make_reader(None, input=pipe, output=DummyOutput())
+        pipe.send_text("\x1b[31mhello \x1b[<1;2m\x1b[96;14;13Mthere\r")
+        assert read(">>> ") == "hello there"
