@@ -20,7 +20,7 @@ The vision tower, the projector and LoRA matrices stay in full precision.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
@@ -31,6 +31,8 @@ FP16_MAX = 65504.0
 # gains, and on a shared machine a team waiting for a busy core stalls every step (SmolLM2-135M, 2 cores, other work
 # running: int8 41 tok/s on one thread, 5 on two; fp32 11 and 1.5).
 SINGLE_THREAD_BYTES = 1 << 30
+# Layers that every decoder family here calls on one input, stacked into one fp16 product (``HalfProduct``).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def quantizable(model: Any, architecture: Architecture) -> list[str]:
@@ -81,53 +83,108 @@ def fp16_kernels() -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]
     return pack, multiply
 
 
+class HalfProduct:
+    """One packed fp16 matrix for one layer, or for sibling layers that always read the same input (a decoder
+    layer's q/k/v and gate/up projections, ``SIBLINGS``), stacked along the outputs.
+
+    A stacked product streams the same bytes in one kernel call instead of two or three: fewer calls on a decode step
+    of hundreds (a SmolLM2 step 15.1 -> 14.2 ms on one thread), with every output element computed as in its own
+    layer (the same numbers). Each sibling takes its slice (``output``); the product of an input is kept until every
+    sibling has taken its part, so a module path (the prefill) still computes it once. An input is recognised by
+    identity: the models call the siblings on the same tensor, unchanged in between. Not for concurrent use: the
+    engine runs one model call at a time (``device_lock``)."""
+
+    def __init__(self, weights: Sequence[Any], biases: Sequence[Any]) -> None:
+        import torch
+
+        pack, _ = fp16_kernels()
+        self.sizes = [weight.shape[0] for weight in weights]
+        bias = [b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases, strict=True)]
+        self.packed = pack(torch.cat([weight.detach() for weight in weights]), torch.cat(bias))
+        self.elements = sum(self.sizes) * weights[0].shape[1]
+        self._input: Any = None
+        self._parts: tuple[Any, ...] = ()
+        self._untaken = 0
+
+    def output(self, x: Any, part: int) -> Any:
+        """Part ``part`` of the product of ``x``: the output of the ``part``-th stacked layer."""
+        _, multiply = fp16_kernels()
+        if len(self.sizes) == 1:
+            return multiply(x, self.packed)
+        if x is not self._input or not self._untaken:
+            self._input, self._untaken = x, len(self.sizes)
+            self._parts = multiply(x, self.packed).split_with_sizes(self.sizes, dim=-1)
+        taken = self._parts[part]
+        self._untaken -= 1
+        if not self._untaken:  # every sibling has its part: hold no activations between forwards
+            self._input, self._parts = None, ()
+        return taken
+
+
 @cache
 def _half_linear_class() -> type:
     import torch
 
-    pack, multiply = fp16_kernels()
-
     class HalfLinear(torch.nn.Linear):
-        """An ``nn.Linear`` whose weight lives packed in fp16 (fbgemm); inputs and outputs stay fp32.
+        """An ``nn.Linear`` whose weight lives packed in fp16 (fbgemm), alone or stacked with its siblings'
+        (``HalfProduct``); inputs and outputs stay fp32.
 
         ``weight`` is an empty placeholder that tells PEFT the device and dtype its LoRA matrices should take.
         """
 
-        def __init__(self, linear: torch.nn.Linear) -> None:
+        def __init__(self, linear: torch.nn.Linear, product: HalfProduct, part: int) -> None:
             torch.nn.Module.__init__(self)
             self.in_features, self.out_features = linear.in_features, linear.out_features
             self.weight = torch.nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
             self.register_parameter("bias", None)  # packed with the weight
-            self.packed = pack(linear.weight.detach(), linear.bias)
+            self.product, self.part = product, part
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return multiply(x, self.packed)
+            return self.product.output(x, self.part)
 
     return HalfLinear
 
 
 def quantize_half(model: Any, architecture: Architecture) -> int:
-    """Pack the language model's Linear weights (of ``model`` or a PEFT model's base) in fp16, in place; a layer
-    with weights beyond fp16's range stays fp32. Returns how many layers were packed."""
+    """Pack the language model's Linear weights (of ``model`` or a PEFT model's base) in fp16, in place, siblings
+    (``SIBLINGS``) stacked into one product; a layer with weights beyond fp16's range stays fp32. Returns how many
+    layers were packed."""
     import torch
 
     half_linear = _half_linear_class()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    packed = 0
+    layers = {name: base.get_submodule(name) for name in quantizable(base, architecture)}
+    packable = {name for name, linear in layers.items() if float(linear.weight.detach().abs().max()) <= FP16_MAX}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one pass over each small matrix: a thread team only waits (2x slower on 2 busy cores)
     try:
-        for name in quantizable(base, architecture):
-            parent, _, child = name.rpartition(".")
-            owner = base.get_submodule(parent)
-            linear = getattr(owner, child)
-            low, high = torch.aminmax(linear.weight.detach())
-            if max(-float(low), float(high)) <= FP16_MAX:
-                setattr(owner, child, half_linear(linear))
-                packed += 1
+        for group in _sibling_groups(packable):
+            linears = [layers[name] for name in group]
+            product = HalfProduct([linear.weight for linear in linears], [linear.bias for linear in linears])
+            for part, (name, linear) in enumerate(zip(group, linears, strict=True)):
+                parent, _, child = name.rpartition(".")
+                setattr(base.get_submodule(parent), child, half_linear(linear, product, part))
     finally:
         torch.set_num_threads(threads)
-    return packed
+    return len(packable)
+
+
+def _sibling_groups(names: set[str]) -> list[list[str]]:
+    """``names`` in groups to stack: each complete set of ``SIBLINGS`` under one module (a PEFT-wrapped sibling is
+    its ``base_layer``) is one group, every other layer a group of its own."""
+    groups: list[list[str]] = []
+    grouped: set[str] = set()
+    for name in sorted(names):
+        parts = name.split(".")
+        role_at = len(parts) - (2 if parts[-1] == "base_layer" else 1)
+        for siblings in SIBLINGS:
+            if parts[role_at] != siblings[0]:
+                continue
+            group = [".".join([*parts[:role_at], role, *parts[role_at + 1:]]) for role in siblings]
+            if all(member in names for member in group):
+                groups.append(group)
+                grouped.update(group)
+    return groups + [[name] for name in sorted(names - grouped)]
 
 
 def quantize_int8(model: Any, architecture: Architecture) -> int:
@@ -146,13 +203,16 @@ def quantize_int8(model: Any, architecture: Architecture) -> int:
 def packed_weights(model: Any) -> tuple[int, int]:
     """(elements, bytes) of the weights held packed outside ``model.parameters()`` (fp16 and int8 layers)."""
     elements = size = 0
+    products = {id(product): product for module in model.modules()
+                if (product := getattr(module, "product", None)) is not None}
+    for product in products.values():
+        elements += product.elements
+        size += product.elements * 2
     for module in model.modules():
-        half = getattr(module, "packed", None) is not None
-        int8 = hasattr(module, "_packed_params") and hasattr(module, "in_features")  # not the params holder
-        if half or int8:
+        if hasattr(module, "_packed_params") and hasattr(module, "in_features"):  # an int8 layer, not its params
             count = module.in_features * module.out_features
             elements += count
-            size += count * (2 if half else 1)
+            size += count
     return elements, size
 
 

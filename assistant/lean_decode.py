@@ -2,16 +2,20 @@
 
 On a CPU a decode step of a 135M model is about a thousand tiny kernels, and the Python around them (module calls,
 decorators, keyword plumbing, mask and position bookkeeping per layer) cost a quarter of the step (21 ms against
-17 ms on the default model). ``lean_token_step`` runs the operations of transformers' Llama code for one new token,
-in the same order, on the model's own modules (their ``forward``, so fp16/int8/LoRA layers work as they are): the
-same logits bit for bit (tests/test_decode.py). Anything else (other families, RoPE scaling, hooks, several tokens)
-takes the model's own forward.
+17 ms on the default model). ``lean_token_step`` computes what transformers' Llama code computes for one new token
+with as few kernels as give the same numbers: one ``rms_norm`` per norm, q and k rotated together by a roll, q/k/v
+and gate/up as one product where their fp16 weights are stacked (``cpu_quant.HalfProduct``), every other projection
+through its module's ``forward`` (fp32, int8 and LoRA layers work as they are). The logits are the same bit for bit
+(tests/test_decode.py; on the default model 15.8 -> 14.2 ms a step). Anything else (other families, RoPE scaling,
+hooks, several tokens, other dtypes than fp32) takes the model's own forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+from assistant.cpu_quant import fp16_kernels
 
 # The decoder classes whose layer code ``lean_token_step`` reproduces, by module path and class name.
 LLAMA_CLASSES = {"decoder": "LlamaModel", "layer": "LlamaDecoderLayer", "attention": "LlamaAttention",
@@ -53,41 +57,56 @@ def lean_token_step(model: Any) -> Callable[[Any, Any], Any] | None:
     (1, vocabulary); None when the language model is not Llama-shaped. Build it for each turn: it holds the modules
     as they are now (an adapter loaded later replaces some)."""
     import torch
-    from torch.nn.functional import scaled_dot_product_attention, silu
+    from torch.nn.functional import rms_norm, scaled_dot_product_attention, silu
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers stay in place
     decoder, head = base.get_decoder(), base.get_output_embeddings()
-    if head is None or not _lean_decoder(decoder) or _has_hooks(head):
+    if (head is None or not _lean_decoder(decoder) or _has_hooks(head)
+            or decoder.embed_tokens.weight.dtype != torch.float32):  # rms_norm matches the module's bits in fp32
         return None
-    embed, final_norm, inv_freq = decoder.embed_tokens.forward, decoder.norm.forward, decoder.rotary_emb.inv_freq
-    layers = [(layer.input_layernorm.forward, layer.self_attn.q_proj.forward, layer.self_attn.k_proj.forward,
-               layer.self_attn.v_proj.forward, layer.self_attn.o_proj.forward, layer.post_attention_layernorm.forward,
-               layer.mlp.gate_proj.forward, layer.mlp.up_proj.forward, layer.mlp.down_proj.forward)
-              for layer in decoder.layers]
     attention = decoder.layers[0].self_attn
-    head_dim, scaling = attention.head_dim, attention.scaling
-    grouped = attention.num_key_value_groups > 1
-
-    def rotated(states: Any, cos: Any, sin: Any) -> Any:
-        half = states.shape[-1] // 2
-        return states * cos + torch.cat((-states[..., half:], states[..., :half]), dim=-1) * sin
+    head_dim, scaling, half = attention.head_dim, attention.scaling, attention.head_dim // 2
+    heads, kv_heads = decoder.config.num_attention_heads, decoder.config.num_key_value_heads
+    grouped, width = heads != kv_heads, (decoder.config.hidden_size,)
+    embed, inv_freq = decoder.embed_tokens.forward, decoder.rotary_emb.inv_freq.float()
+    epsilon = decoder.config.rms_norm_eps  # every LlamaRMSNorm's
+    layers = [(layer.input_layernorm.weight, _stacked(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+               layer.self_attn.o_proj.forward, layer.post_attention_layernorm.weight,
+               _stacked(layer.mlp, ("gate_proj", "up_proj")), layer.mlp.down_proj.forward)
+              for layer in decoder.layers]
+    split = decoder.config.intermediate_size
 
     def step(cache: Any, token: Any) -> Any:
         hidden = embed(token)
-        position = torch.tensor([[cache.get_seq_length()]], device=hidden.device)
-        frequencies = position[..., None].float() * inv_freq.to(device=hidden.device, dtype=torch.float)
-        angles = torch.cat((frequencies, frequencies), dim=-1)
-        cos, sin = angles.cos().to(hidden.dtype).unsqueeze(1), angles.sin().to(hidden.dtype).unsqueeze(1)
-        for index, (norm_in, q_proj, k_proj, v_proj, o_proj, norm_out, gate, up, down) in enumerate(layers):
-            states = norm_in(hidden)
-            shape = (1, 1, -1, head_dim)
-            query = rotated(q_proj(states).view(shape).transpose(1, 2), cos, sin)
-            key = rotated(k_proj(states).view(shape).transpose(1, 2), cos, sin)
-            key, value = cache.update(key, v_proj(states).view(shape).transpose(1, 2), index)
-            attended = scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=grouped)
-            hidden = hidden + o_proj(attended.transpose(1, 2).contiguous().reshape(1, 1, -1).contiguous())
-            states = norm_out(hidden)
-            hidden = hidden + down(silu(gate(states)) * up(states))
-        return head.forward(final_norm(hidden)[:, -1])
+        angles = inv_freq * float(cache.get_seq_length())
+        angles = torch.cat((angles, angles))
+        cos, sin = angles.cos(), angles.sin()
+        signed_sin = torch.cat((-sin[:half], sin[half:]))  # rotate_half(x) * sin == x.roll(half) * signed_sin
+        for index, (norm_in, qkv, o_proj, norm_out, gate_up, down) in enumerate(layers):
+            projected = qkv(rms_norm(hidden, width, norm_in, epsilon)).view(1, heads + 2 * kv_heads, 1, head_dim)
+            rotated = projected[:, :heads + kv_heads]
+            rotated = rotated * cos + rotated.roll(half, -1) * signed_sin
+            key, value = cache.update(rotated[:, heads:], projected[:, heads + kv_heads:], index)
+            attended = scaled_dot_product_attention(rotated[:, :heads], key, value, scale=scaling, enable_gqa=grouped)
+            hidden = hidden + o_proj(attended.reshape(1, 1, -1))
+            gate_and_up = gate_up(rms_norm(hidden, width, norm_out, epsilon))
+            hidden = hidden + down(silu(gate_and_up[..., :split]) * gate_and_up[..., split:])
+        return head.forward(rms_norm(hidden, width, decoder.norm.weight, epsilon)[:, -1])
 
     return step
+
+
+def _stacked(parent: Any, names: tuple[str, ...]) -> Callable[[Any], Any]:
+    """The outputs of ``parent``'s layers ``names`` on one input, side by side: one product where the layers are
+    stacked fp16 siblings (``cpu_quant.HalfProduct``), each layer's own forward otherwise (LoRA, int8, fp32)."""
+    import torch
+
+    layers = [getattr(parent, name) for name in names]
+    product = getattr(layers[0], "product", None)
+    if product is not None and all(getattr(layer, "product", None) is product and layer.part == part
+                                   for part, layer in enumerate(layers)) and len(product.sizes) == len(layers):
+        _, multiply = fp16_kernels()
+        packed = product.packed
+        return lambda x: multiply(x, packed)
+    forwards = [layer.forward for layer in layers]
+    return lambda x: torch.cat([forward(x) for forward in forwards], dim=-1)

@@ -192,6 +192,38 @@ def test_fp16_weights_multiply_alike_on_either_kernel() -> None:
         assert torch.equal(multiply(x, pack(weight, linear.bias)), expected)
 
 
+def test_stacked_fp16_siblings_give_each_layer_its_own_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v (or gate/up) packed as one product give each layer exactly its own product; one input's product is
+    computed once for all siblings and then let go, and siblings called on different inputs (a cross-attention's
+    k/v) still get their own input's output."""
+    from assistant.cpu_quant import HalfProduct, fp16_kernels, half_weights_supported
+
+    if not half_weights_supported():
+        pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
+    pack, multiply = fp16_kernels()
+    linears = [torch.nn.Linear(64, size, bias=bias) for size, bias in ((96, True), (32, False), (32, True))]
+    product = HalfProduct([linear.weight for linear in linears], [linear.bias for linear in linears])
+    alone = [pack(linear.weight.detach(), linear.bias) for linear in linears]
+    x, y = torch.randn(1, 7, 64), torch.randn(1, 3, 64)
+    stacked_calls: list[torch.Tensor] = []
+    original = torch.fbgemm_linear_fp16_weight
+
+    def counting(inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if packed is product.packed[0]:
+            stacked_calls.append(inputs)
+        return original(inputs, packed, bias)
+
+    monkeypatch.setattr(torch, "fbgemm_linear_fp16_weight", counting)
+    with torch.inference_mode():
+        parts = [product.output(x, part) for part in range(3)]
+        assert len(stacked_calls) == 1 and product._input is None  # one product for the three, not kept after
+        assert all(torch.equal(part, multiply(x, own)) for part, own in zip(parts, alone, strict=True))
+        assert torch.equal(product.output(x, 0), multiply(x, alone[0]))
+        assert torch.equal(product.output(y, 1), multiply(y, alone[1]))  # another input: its own product
+        assert torch.equal(product.output(y, 2), multiply(y, alone[2]))
+    assert len(stacked_calls) == 3
+
+
 @pytest.mark.parametrize("quant", ["none", "auto", "int8"])
 def test_a_llama_decoders_token_step_gives_its_own_forwards_logits(model_dirs: dict[str, Path], quant: str) -> None:
     """``lean_token_step`` runs one token through a Llama decoder's modules without their machinery: logits equal,

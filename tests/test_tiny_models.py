@@ -204,8 +204,11 @@ def test_the_cpu_default_packs_language_model_weights_in_fp16(model_dirs: dict[s
     loaded = load(ModelOptions(model=str(model_dirs["llava"])), Paths.default())
     assert loaded.quant == "fp16"
     modules = dict(loaded.model.named_modules())
-    packed = [name for name, module in modules.items() if getattr(module, "packed", None) is not None]
+    packed = [name for name, module in modules.items() if getattr(module, "product", None) is not None]
     assert packed and all(name.startswith("model.language_model.") or name == "lm_head" for name in packed)
+    attention, mlp = modules["model.language_model.layers.0.self_attn"], modules["model.language_model.layers.0.mlp"]
+    assert attention.q_proj.product is attention.k_proj.product is attention.v_proj.product  # stacked siblings
+    assert mlp.gate_proj.product is mlp.up_proj.product is not mlp.down_proj.product
     assert all(type(m) is torch.nn.Linear for n, m in modules.items() if "vision_tower" in n or "projector" in n
                if isinstance(m, torch.nn.Linear))
     backend = LocalBackend(loaded)
@@ -233,7 +236,7 @@ def test_adapters_attach_switch_and_detach_on_fp16_weights(model_dirs: dict[str,
     plain = "".join(backend.stream(messages, GREEDY))
     assert attach_adapter(loaded, str(adapter)) == "pirate"
     q_proj = loaded.model.get_base_model().model.layers[0].self_attn.q_proj
-    assert q_proj.base_layer.packed is not None and type(q_proj.lora_A["pirate"]) is torch.nn.Linear
+    assert q_proj.base_layer.product is not None and type(q_proj.lora_A["pirate"]) is torch.nn.Linear
     pirate = "".join(backend.stream(messages, GREEDY))
     full = load(ModelOptions(model=str(model_dirs["llama"]), quant="none", adapters=(str(adapter),)), Paths.default())
     assert pirate != plain and pirate == "".join(LocalBackend(full).stream(messages, GREEDY))
