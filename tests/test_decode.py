@@ -224,6 +224,42 @@ def test_stacked_fp16_siblings_give_each_layer_its_own_output(monkeypatch: pytes
     assert len(stacked_calls) == 3
 
 
+def test_a_long_fp16_product_shares_its_rows_among_the_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill's products (many rows) are split between the calling thread and a pool, one share per torch
+    thread, with the numbers of one call; a decode token's single row stays on the calling thread."""
+    import threading
+
+    from assistant.cpu_quant import fp16_kernels, half_weights_supported, multiply_rows
+
+    if not half_weights_supported():
+        pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
+    pack, multiply = fp16_kernels()
+    linear = torch.nn.Linear(64, 48)
+    packed = pack(linear.weight.detach(), linear.bias)
+    x, token = torch.randn(1, 70, 64), torch.randn(1, 1, 64)
+    expected, expected_token = multiply(x, packed), multiply(token, packed)
+    callers: list[tuple[str, int]] = []
+    original = torch.fbgemm_linear_fp16_weight
+
+    def recording(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        callers.append((threading.current_thread().name, inputs.numel() // inputs.shape[-1]))
+        return original(inputs, weight, bias)
+
+    monkeypatch.setattr(torch, "fbgemm_linear_fp16_weight", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(multiply_rows(x, packed), expected)
+        assert sorted(callers) == [("MainThread", 35), ("iris-fp16_0", 35)]
+        callers.clear()
+        assert torch.equal(multiply_rows(token, packed), expected_token) and callers == [("MainThread", 1)]
+        torch.set_num_threads(1)
+        callers.clear()
+        assert torch.equal(multiply_rows(x, packed), expected) and callers == [("MainThread", 70)]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("quant", ["none", "auto", "int8"])
 def test_a_llama_decoders_token_step_gives_its_own_forwards_logits(model_dirs: dict[str, Path], quant: str) -> None:
     """``lean_token_step`` runs one token through a Llama decoder's modules without their machinery: logits equal,
