@@ -22,6 +22,8 @@ from typing import Any
 from assistant.errors import IrisError
 
 DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections that a decoder layer of every family here calls on one and the same input (cpu_quant stacks them).
+SHARED_INPUT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 TEXT_ONLY = "text"
 
 

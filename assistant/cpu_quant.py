@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any
 
-from assistant.architecture import Architecture
+from assistant.architecture import SHARED_INPUT_PROJECTIONS, Architecture
 
 FP16_MAX = 65504.0
 # Below this many bytes of weights, a decode step is hundreds of tiny kernels: an OpenMP team costs more than it
@@ -34,8 +34,6 @@ FP16_MAX = 65504.0
 SINGLE_THREAD_BYTES = 1 << 30
 # Below this many rows (tokens) an fp16 product is too short to share between threads.
 PARALLEL_ROWS = 16
-# Layers that every decoder family here calls on one input, stacked into one fp16 product (``HalfProduct``).
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def quantizable(model: Any, architecture: Architecture) -> list[str]:
@@ -88,7 +86,7 @@ def fp16_kernels() -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]
 
 class HalfProduct:
     """One packed fp16 matrix for one layer, or for sibling layers that always read the same input (a decoder
-    layer's q/k/v and gate/up projections, ``SIBLINGS``), stacked along the outputs.
+    layer's q/k/v and gate/up projections, ``SHARED_INPUT_PROJECTIONS``), stacked along the outputs.
 
     A stacked product streams the same bytes in one kernel call instead of two or three: fewer calls on a decode step
     of hundreds (about 0.9 ms of a 15 ms SmolLM2 step on one thread), with every output element computed as in its own
@@ -172,8 +170,8 @@ def _half_linear_class() -> type:
 
 def quantize_half(model: Any, architecture: Architecture) -> int:
     """Pack the language model's Linear weights (of ``model`` or a PEFT model's base) in fp16, in place, siblings
-    (``SIBLINGS``) stacked into one product; a layer with weights beyond fp16's range stays fp32. Returns how many
-    layers were packed."""
+    (``SHARED_INPUT_PROJECTIONS``) stacked into one product; a layer with weights beyond fp16's range stays fp32.
+    Returns how many layers were packed."""
     import torch
 
     half_linear = _half_linear_class()
@@ -195,14 +193,14 @@ def quantize_half(model: Any, architecture: Architecture) -> int:
 
 
 def _sibling_groups(names: set[str]) -> list[list[str]]:
-    """``names`` in groups to stack: each complete set of ``SIBLINGS`` under one module (a PEFT-wrapped sibling is
-    its ``base_layer``) is one group, every other layer a group of its own."""
+    """``names`` in groups to stack: each complete set of ``SHARED_INPUT_PROJECTIONS`` under one module (a
+    PEFT-wrapped sibling is its ``base_layer``) is one group, every other layer a group of its own."""
     groups: list[list[str]] = []
     grouped: set[str] = set()
     for name in sorted(names):
         parts = name.split(".")
         role_at = len(parts) - (2 if parts[-1] == "base_layer" else 1)
-        for siblings in SIBLINGS:
+        for siblings in SHARED_INPUT_PROJECTIONS:
             if parts[role_at] != siblings[0]:
                 continue
             group = [".".join([*parts[:role_at], role, *parts[role_at + 1:]]) for role in siblings]
