@@ -4,23 +4,27 @@
 #      token kept): the projector reads a middle layer, where DINOv2 still holds colour;
 #   2. synthetic shapes in the training styles: single objects (the curriculum's first stage), then 1-4 objects;
 #      text-only samples answered by the base LM itself (self-distillation keeps its text answers);
-#   3. `iris train` three times: single objects, then 1-4 objects with --from stage 1, then STAGE3_MINUTES more
-#      on a fresh 1-4 object set with --from stage 2 (count, shape and colour all rose with it). STAGE=projector (the default)
+#   3. `iris train`: single objects, then 1-4 objects with --from stage 1, then one more stage per FRESH_MINUTES entry,
+#      each on a fresh 1-4 object set (FRESH_SAMPLES, seeds 105, 106, ...) with --from the stage before: on a CPU
+#      budget new images teach more than a second epoch. STAGE=projector (the default)
 #      trains the projector alone: the LM stays the base's, so its text answers are kept exactly, and on a CPU
 #      budget it learned more than projector-then-LoRA (bench/own_task.py). STAGE=auto adds LoRA, with the
 #      base LM's own text answers mixed in (self-distillation) so that it keeps them;
 #   4. `iris eval` on the held-out style (per skill, blank-image ablation, POPE yes/no) plus the text row.
-# The weights to ship are WORK/stage3's: projector.safetensors (+ the PEFT files with LoRA) and iris_manifest.json.
+# The weights to ship are the last stage's (WORK/stage4 with the defaults): projector.safetensors (+ the PEFT files
+# with LoRA) and iris_manifest.json.
 #
-# Usage: bash bench/train_default.sh WORK [MINUTES]     (CPU: about MINUTES + STAGE3_MINUTES + 15 minutes in all)
-# Knobs (environment): IMAGE_SIZE (112; the GPU script uses 224), VISION_LAYERS (8 of 12), STAGE3_MINUTES (30), SINGLE and SHAPES (sample counts), TEXT (distilled
+# Usage: bash bench/train_default.sh WORK [MINUTES]     (CPU: about MINUTES + the FRESH_MINUTES + 15 minutes in all)
+# Knobs (environment): IMAGE_SIZE (112; the GPU script uses 224), VISION_LAYERS (8 of 12), FRESH_MINUTES ("30 45")
+# and FRESH_SAMPLES ("4000 7000"), SINGLE and SHAPES (sample counts), TEXT (distilled
 # text samples) and TEXT_WEIGHT (times each is mixed in), BATCH, LORA_R, PER_SKILL (eval questions per skill), IRIS (the iris command).
 set -euo pipefail
 WORK=${1:?usage: bash bench/train_default.sh WORK [MINUTES]}
 MINUTES=${2:-60}
 IMAGE_SIZE=${IMAGE_SIZE:-112}
 VISION_LAYERS=${VISION_LAYERS:-8}
-STAGE3_MINUTES=${STAGE3_MINUTES:-30}
+read -r -a fresh_minutes <<< "${FRESH_MINUTES:-30 45}"
+read -r -a fresh_samples <<< "${FRESH_SAMPLES:-4000 7000}"
 SINGLE=${SINGLE:-3000}
 SHAPES=${SHAPES:-4000}
 TEXT=${TEXT:-150}
@@ -41,7 +45,6 @@ step() { echo "== $(date +%H:%M:%S) $*"; }
 [ -d "$WORK/base" ] || { step "compose the base at ${IMAGE_SIZE} px"; $IRIS build --out "$WORK/base" --image-size "$IMAGE_SIZE" --class-token --vision-layers "$VISION_LAYERS"; }
 [ -d "$WORK/single" ] || { step "single-object shapes"; $IRIS data synth --out "$WORK/single" --n "$SINGLE" --max-objects 1 --seed 101; }
 [ -d "$WORK/shapes" ] || { step "1-4 object shapes"; $IRIS data synth --out "$WORK/shapes" --n "$SHAPES" --seed 102; }
-[ -d "$WORK/shapes3" ] || { step "more 1-4 object shapes"; $IRIS data synth --out "$WORK/shapes3" --n "$SHAPES" --seed 105; }
 [ -d "$WORK/heldout" ] || { step "held-out eval suite"; $IRIS data synth --eval-suite --out "$WORK/heldout" --per-skill "$PER_SKILL" --seed 104; }
 
 common=(-m "$WORK/base" --stage "$STAGE" --batch-size "$BATCH" --lora-r "$LORA_R" --lora-alpha $((LORA_R * 2)))
@@ -55,8 +58,14 @@ fi
 step "stage 2: 1-4 objects (+ text with LoRA), from stage 1, ${stage2_minutes} min"
 $IRIS train "$WORK/shapes" "${mix[@]}" "${common[@]}" --from "$WORK/stage1" --out "$WORK/stage2" \
     --max-minutes "$stage2_minutes"
-step "stage 3: a fresh 1-4 object set, from stage 2, ${STAGE3_MINUTES} min"
-$IRIS train "$WORK/shapes3" "${mix[@]}" "${common[@]}" --from "$WORK/stage2" --out "$WORK/stage3" \
-    --max-minutes "$STAGE3_MINUTES"
+stage=2
+for index in "${!fresh_minutes[@]}"; do
+    stage=$((stage + 1))
+    shapes="$WORK/shapes$stage"
+    [ -d "$shapes" ] || { step "a fresh 1-4 object set"; $IRIS data synth --out "$shapes" --n "${fresh_samples[$index]}" --seed $((102 + stage)); }
+    step "stage $stage: the fresh set, from stage $((stage - 1)), ${fresh_minutes[$index]} min"
+    $IRIS train "$shapes" "${mix[@]}" "${common[@]}" --from "$WORK/stage$((stage - 1))" --out "$WORK/stage$stage" \
+        --max-minutes "${fresh_minutes[$index]}"
+done
 step "eval on the held-out style"
-$IRIS eval "$WORK/heldout" -m "$WORK/base" --adapter "$WORK/stage3" --text | tee "$WORK/eval.txt"
+$IRIS eval "$WORK/heldout" -m "$WORK/base" --adapter "$WORK/stage$stage" --text | tee "$WORK/eval.txt"
