@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/iris-gpu-default}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || { echo "no NVIDIA GPU here"; exit 1; }
-IMAGE_SIZE=224 SINGLE=4000 SHAPES=12000 TEXT=300 TEXT_WEIGHT=3 BATCH=32 PER_SKILL=40 FRESH_MINUTES="1.5 1.5" \
+IMAGE_SIZE=224 SINGLE=4000 SHAPES=12000 TEXT=300 TEXT_WEIGHT=3 BATCH=32 PER_SKILL=40 FRESH_MINUTES="1 1 1" \
     timeout 600 bash bench/train_default.sh "$WORK" 6
 echo "== the shipped default (CPU-trained) on the same held-out suite"
 timeout 150 .venv/bin/iris eval "$WORK/heldout" --text | tee "$WORK/eval-shipped.txt"

@@ -5,26 +5,26 @@
 #   2. synthetic shapes in the training styles: single objects (the curriculum's first stage), then 1-4 objects;
 #      text-only samples answered by the base LM itself (self-distillation keeps its text answers);
 #   3. `iris train`: single objects, then 1-4 objects with --from stage 1, then one more stage per FRESH_MINUTES entry,
-#      each on a fresh 1-4 object set (FRESH_SAMPLES, seeds 105, 106, ...) with --from the stage before: on a CPU
-#      budget new images teach more than a second epoch. STAGE=projector (the default)
+#      each on a fresh 1-4 object set (FRESH_SAMPLES, seeds 105, 106, ...) with --from the stage before (each
+#      raised the held-out total by 1-3 points, README). STAGE=projector (the default)
 #      trains the projector alone: the LM stays the base's, so its text answers are kept exactly, and on a CPU
 #      budget it learned more than projector-then-LoRA (bench/own_task.py). STAGE=auto adds LoRA, with the
 #      base LM's own text answers mixed in (self-distillation) so that it keeps them;
 #   4. `iris eval` on the held-out style (per skill, blank-image ablation, POPE yes/no) plus the text row.
-# The weights to ship are the last stage's (WORK/stage4 with the defaults): projector.safetensors (+ the PEFT files
+# The weights to ship are the last stage's (WORK/stage5 with the defaults): projector.safetensors (+ the PEFT files
 # with LoRA) and iris_manifest.json.
 #
 # Usage: bash bench/train_default.sh WORK [MINUTES]     (CPU: about MINUTES + the FRESH_MINUTES + 15 minutes in all)
-# Knobs (environment): IMAGE_SIZE (112; the GPU script uses 224), VISION_LAYERS (8 of 12), FRESH_MINUTES ("30 45")
-# and FRESH_SAMPLES ("4000 7000"), SINGLE and SHAPES (sample counts), TEXT (distilled
+# Knobs (environment): IMAGE_SIZE (112; the GPU script uses 224), VISION_LAYERS (8 of 12), FRESH_MINUTES ("30 45 35")
+# and FRESH_SAMPLES ("4000 7000 6000"), SINGLE and SHAPES (sample counts), TEXT (distilled
 # text samples) and TEXT_WEIGHT (times each is mixed in), BATCH, LORA_R, PER_SKILL (eval questions per skill), IRIS (the iris command).
 set -euo pipefail
 WORK=${1:?usage: bash bench/train_default.sh WORK [MINUTES]}
 MINUTES=${2:-60}
 IMAGE_SIZE=${IMAGE_SIZE:-112}
 VISION_LAYERS=${VISION_LAYERS:-8}
-read -r -a fresh_minutes <<< "${FRESH_MINUTES:-30 45}"
-read -r -a fresh_samples <<< "${FRESH_SAMPLES:-4000 7000}"
+read -r -a fresh_minutes <<< "${FRESH_MINUTES:-30 45 35}"
+read -r -a fresh_samples <<< "${FRESH_SAMPLES:-4000 7000 6000}"
 SINGLE=${SINGLE:-3000}
 SHAPES=${SHAPES:-4000}
 TEXT=${TEXT:-150}
