@@ -6,8 +6,8 @@ decorators, keyword plumbing, mask and position bookkeeping per layer) cost a qu
 with as few kernels as give the same numbers: one ``rms_norm`` per norm, q and k rotated together by a roll, q/k/v
 and gate/up as one product where their fp16 weights are stacked (``cpu_quant.HalfProduct``), every other projection
 through its module's ``forward`` (fp32, int8 and LoRA layers work as they are). The logits are the same bit for bit
-(tests/test_decode.py; on the default model 15.8 -> 14.2 ms a step). Anything else (other families, RoPE scaling,
-hooks, several tokens, other dtypes than fp32) takes the model's own forward.
+(tests/test_decode.py; default model, one thread: 16.4-17.0 -> 15.1-15.6 ms a step). Anything else (other
+families, RoPE scaling, hooks, several tokens, other dtypes than fp32) takes the model's own forward.
 """
 
 from __future__ import annotations
