@@ -142,6 +142,29 @@ def test_every_familys_text_turn_decodes_as_generate_does(name: str, tmp_path: P
     assert "".join(backend.stream(messages, GREEDY)) == _generate(backend, messages, GREEDY)
 
 
+@pytest.mark.parametrize("name", sorted(FAMILY_BUILDERS))
+def test_every_familys_fp16_weights_stack_their_projections_and_decode_as_generate_does(name: str,
+                                                                                        tmp_path: Path) -> None:
+    """On each family's own forward (``generate``: biases, q/k norms, several inputs per layer), the stacked fp16
+    q/k/v and gate/up products give every projection its own output: the tokens are those the CPU decode picks."""
+    from assistant.cpu_quant import half_weights_supported
+
+    if not half_weights_supported():
+        pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
+    model_dir = FAMILY_BUILDERS[name](tmp_path / name)
+    backend, full = _backend(model_dir, quant="auto", kv_cache_bytes=0), _backend(model_dir)
+    assert backend.loaded.quant == "fp16"
+    stacked = [module for module in backend.loaded.model.modules()
+               if hasattr(module, "q_proj") and getattr(module.q_proj, "product", None) is not None]
+    assert stacked and all(module.q_proj.product is module.v_proj.product for module in stacked)
+    messages = _conversation("hello", "and more")
+    encoded = backend.renderer.encode(messages)
+    with torch.inference_mode():  # within fp16 rounding of full precision: each projection got its own slice
+        half, exact = backend.loaded.model(**encoded).logits, full.loaded.model(**encoded).logits
+    assert (half - exact).abs().max() < 1e-2 * max(1.0, float(exact.abs().max()))
+    assert "".join(backend.stream(messages, GREEDY)) == _generate(backend, messages, GREEDY)
+
+
 def test_a_prefill_over_a_cached_prefix_attends_as_transformers_sdpa_does(model_dirs: dict[str, Path],
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU, a prefill over cached tokens (a conversation's next turn) runs SDPA's grouped-query mode instead of
