@@ -24,7 +24,7 @@ from typing import Any
 from assistant.errors import BadSetting, IrisError, one_line
 from assistant.files import read_user_text, shown_name
 
-QUANT_CHOICES = ("4bit", "8bit", "int8", "none", "auto")
+QUANT_CHOICES = ("4bit", "8bit", "int4", "fp16", "int8", "none", "auto")
 BACKEND_CHOICES = ("local", "openai")
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 CONFIG_MAX_BYTES = 1_000_000

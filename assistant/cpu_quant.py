@@ -1,20 +1,25 @@
-"""Smaller language-model weights for CPUs: ``fp16`` (the CPU default) and ``--quant int8``.
+"""Smaller language-model weights for CPUs: ``int4`` (the CPU default), ``fp16`` and ``int8``.
 
 A CPU decodes at the speed it streams weights from memory, so fewer bytes per weight is most of the speed.
 
-- ``fp16`` (what ``--quant auto`` picks on an x86 CPU): the language model's Linear weights are held in fbgemm's
-  packed half-precision form and multiplied in fp32 (``fp16_kernels``): half the bytes of fp32,
-  twice its decode speed or more, and the same greedy answers (bench/int8_agreement.py on the default model: 99.8%
-  token agreement, 27 of 28 answers identical, vision key words 0.71 as fp32). ``HalfLinear`` is still an
-  ``nn.Linear`` to PEFT, so LoRA adapters attach, switch and detach on top of it as on full precision.
+- ``int4`` (what ``--quant auto`` picks on an AVX2 or AVX-512 CPU): 4 bits per weight with a scale and a zero per 32
+  inputs, GGUF's Q4_1 layout (a Q4_1 file, like the default model's, keeps its own codes and steps), multiplied by
+  ATen's int4 kernel on bf16 activations (``int4_kernels``), which spreads each product over the threads. A third of
+  fp16's bytes; the default model decodes a token in 11.4 ms on 2 idle cores against fp16's 14-17 ms on one (fp16's
+  kernel cannot share a one-row product). bench/agreement.py on the default model: 97.4% token agreement with full
+  precision, where llama.cpp's own server on the same GGUF agrees on 96.8% of the text tokens (int4: 97.8%). The
+  output head stays fp16, as GGUF files keep it at 8 bits or more.
+- ``fp16``: fbgemm's packed half-precision weights multiplied in fp32 (``fp16_kernels``): half the bytes of fp32,
+  twice its decode speed or more, and the same greedy answers (99.7% token agreement, 26 of 28 answers identical).
+  Picked by ``auto`` on an x86 CPU without the int4 kernel.
 - ``int8`` (PyTorch's dynamic int8, ``torch.ao``, asked for by name only): int8 weights, and activations quantized
-  to 7 bits on the fly. A little faster than fp16, but the activation rounding changes the answers of small models
-  (the default model: 42% token agreement, vision key words 0.71 -> 0.09), so it is no default. Adapters attach at
-  load time only (PEFT cannot wrap its modules).
+  to 7 bits on the fly, which changes a small model's answers (40% token agreement, vision key words 0.67 -> 0.12),
+  so it is no default. Adapters attach at load time only (PEFT cannot wrap its modules).
 
-torchao 0.18 was measured too, without ``torch.compile`` (bare SmolLM2, one thread, same run): int8 weight-only
-8.7 tok/s and int8 dynamic 4.1, against 8.8 for fp32 and 25.9 for ``torch.ao``'s int8. Its CPU speed needs compiling,
-which would cost every start.
+``PackedLinear`` (int4 and fp16) is still an ``nn.Linear`` to PEFT, so LoRA adapters attach, switch and detach on
+top of it as on full precision. torchao 0.18 was measured too, without ``torch.compile`` (bare SmolLM2, one thread,
+same run): int8 weight-only 8.7 tok/s and int8 dynamic 4.1, against 8.8 for fp32 and 25.9 for ``torch.ao``'s int8.
+Its CPU speed needs compiling, which would cost every start.
 The vision tower, the projector and LoRA matrices stay in full precision.
 """
 
@@ -84,9 +89,68 @@ def fp16_kernels() -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]
     return pack, multiply
 
 
-class HalfProduct:
-    """One packed fp16 matrix for one layer, or for sibling layers that always read the same input (a decoder
-    layer's q/k/v and gate/up projections, ``SHARED_INPUT_PROJECTIONS``), stacked along the outputs.
+INT4_GROUP = 32  # weights per scale and zero along the inputs: GGUF's Q4_0/Q4_1 block
+
+
+def int4_weights_supported() -> bool:
+    """PyTorch's CPU int4 kernel is vectorized for bf16 inputs on AVX-512 and AVX2 CPUs (fp32 inputs are 30x
+    slower); elsewhere it would be slower than fp16. The layers it cannot take (the output head) need fp16's."""
+    import torch
+
+    return (half_weights_supported() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2"))
+
+
+@cache
+def int4_kernels() -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]:
+    """``(pack, multiply)`` for 4-bit weights, as fp16's: an affine scale and zero per ``INT4_GROUP`` inputs of each
+    output row (GGUF's Q4_1: a Q4_1 file's weights come back with their own codes and steps, the zero rounded to
+    bf16), multiplied by ATen's int4 kernel on bf16 activations, which spreads each product over the threads."""
+    import torch
+
+    def pack(weight: Any, bias: Any) -> tuple[Any, Any, Any]:
+        codes, scales_and_zeros = quantize_groups(weight.detach().float())
+        return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scales_and_zeros,
+                None if bias is None else bias.detach().float())
+
+    def multiply(x: Any, packed: tuple[Any, Any, Any]) -> Any:
+        weights, scales_and_zeros, bias = packed
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weights, INT4_GROUP, scales_and_zeros).float()
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], -1)
+
+    return pack, multiply
+
+
+def quantize_groups(weight: Any) -> tuple[Any, Any]:
+    """``(codes, scales_and_zeros)`` of an (outputs, inputs) fp32 matrix for ATen's int4 kernel, which computes
+    ``(code - 8) * scale + zero``: codes 0-15 spanning each group's minimum to maximum (int32, the matrix's shape),
+    scales and zeros (bf16, shape (inputs / INT4_GROUP, outputs, 2)). Codes are rounded against the bf16 scales and
+    zeros the kernel will read."""
+    import torch
+
+    outputs, inputs = weight.shape
+    groups = weight.reshape(outputs, inputs // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).bfloat16()
+    zero = (low + 8 * scale.float()).bfloat16()
+    divisor = torch.where(scale > 0, scale.float(), torch.ones_like(low))
+    codes = ((groups - zero.float()[..., None]) / divisor[..., None] + 8).round().clamp(0, 15)
+    scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
+    return codes.to(torch.int32).reshape(outputs, inputs), scales_and_zeros
+
+
+def int4_fits(weight: Any) -> bool:
+    """The int4 kernel's shapes: outputs a multiple of 16, inputs of ``INT4_GROUP``."""
+    outputs, inputs = weight.shape
+    return outputs % 16 == 0 and inputs % INT4_GROUP == 0
+
+
+class PackedProduct:
+    """One packed matrix (fp16 or int4) for one layer, or for sibling layers that always read the same input (a
+    decoder layer's q/k/v and gate/up projections, ``SHARED_INPUT_PROJECTIONS``), stacked along the outputs.
 
     A stacked product streams the same bytes in one kernel call instead of two or three: fewer calls on a decode step
     of hundreds (about 0.9 ms of a 15 ms SmolLM2 step on one thread), with every output element computed as in its own
@@ -95,25 +159,34 @@ class HalfProduct:
     identity: the models call the siblings on the same tensor, unchanged in between. Not for concurrent use: the
     engine runs one model call at a time (``device_lock``)."""
 
-    def __init__(self, weights: Sequence[Any], biases: Sequence[Any]) -> None:
+    def __init__(self, weights: Sequence[Any], biases: Sequence[Any], kind: str = "fp16") -> None:
         import torch
 
-        pack, _ = fp16_kernels()
-        self.sizes = [weight.shape[0] for weight in weights]
-        bias = [b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases, strict=True)]
-        self.packed = pack(torch.cat([weight.detach() for weight in weights]), torch.cat(bias))
+        pack, self.kernel = (int4_kernels if kind == "int4" else fp16_kernels)()
+        self.kind, self.sizes = kind, [weight.shape[0] for weight in weights]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0])
+                              for w, b in zip(weights, biases, strict=True)])
+        self.packed = pack(torch.cat([weight.detach() for weight in weights]), bias)
         self.elements = sum(self.sizes) * weights[0].shape[1]
+        self.bytes = self.elements * 2 if kind == "fp16" else self.elements // 2 + self.elements // INT4_GROUP * 4
         self._input: Any = None
         self._parts: tuple[Any, ...] = ()
         self._untaken = 0
 
+    def multiply(self, x: Any) -> Any:
+        """``x`` times the whole (stacked) matrix. fbgemm's fp16 kernel runs on the calling thread alone, so a long
+        fp16 product is shared out by rows (``multiply_rows``); the int4 kernel shares its own work."""
+        return multiply_rows(x, self.packed) if self.kind == "fp16" else self.kernel(x, self.packed)
+
     def output(self, x: Any, part: int) -> Any:
         """Part ``part`` of the product of ``x``: the output of the ``part``-th stacked layer."""
         if len(self.sizes) == 1:
-            return multiply_rows(x, self.packed)
+            return self.multiply(x)
         if x is not self._input or not self._untaken:
             self._input, self._untaken = x, len(self.sizes)
-            self._parts = multiply_rows(x, self.packed).split_with_sizes(self.sizes, dim=-1)
+            self._parts = self.multiply(x).split_with_sizes(self.sizes, dim=-1)
         taken = self._parts[part]
         self._untaken -= 1
         if not self._untaken:  # every sibling has its part: hold no activations between forwards
@@ -145,17 +218,17 @@ def _product_pool(workers: int) -> ThreadPoolExecutor:
 
 
 @cache
-def _half_linear_class() -> type:
+def _packed_linear_class() -> type:
     import torch
 
-    class HalfLinear(torch.nn.Linear):
-        """An ``nn.Linear`` whose weight lives packed in fp16 (fbgemm), alone or stacked with its siblings'
-        (``HalfProduct``); inputs and outputs stay fp32.
+    class PackedLinear(torch.nn.Linear):
+        """An ``nn.Linear`` whose weight lives packed (fp16 or int4), alone or stacked with its siblings'
+        (``PackedProduct``); inputs and outputs stay fp32.
 
         ``weight`` is an empty placeholder that tells PEFT the device and dtype its LoRA matrices should take.
         """
 
-        def __init__(self, linear: torch.nn.Linear, product: HalfProduct, part: int) -> None:
+        def __init__(self, linear: torch.nn.Linear, product: PackedProduct, part: int) -> None:
             torch.nn.Module.__init__(self)
             self.in_features, self.out_features = linear.in_features, linear.out_features
             self.weight = torch.nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
@@ -165,28 +238,33 @@ def _half_linear_class() -> type:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.product.output(x, self.part)
 
-    return HalfLinear
+    return PackedLinear
 
 
-def quantize_half(model: Any, architecture: Architecture) -> int:
-    """Pack the language model's Linear weights (of ``model`` or a PEFT model's base) in fp16, in place, siblings
-    (``SHARED_INPUT_PROJECTIONS``) stacked into one product; a layer with weights beyond fp16's range stays fp32.
-    Returns how many layers were packed."""
+def quantize_packed(model: Any, architecture: Architecture, kind: str = "fp16") -> int:
+    """Pack the language model's Linear weights (of ``model`` or a PEFT model's base) in ``kind`` (fp16 or int4),
+    in place, siblings (``SHARED_INPUT_PROJECTIONS``) stacked into one product. With int4 the output head stays fp16
+    (GGUF files keep it at 8 bits or more: a vocabulary-wide arg-max is where 4 bits would change answers), as does a
+    layer of a shape the int4 kernel cannot take; a layer with weights beyond fp16's range stays fp32. Returns how
+    many layers were packed."""
     import torch
 
-    half_linear = _half_linear_class()
+    packed_linear = _packed_linear_class()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = {name: base.get_submodule(name) for name in quantizable(base, architecture)}
+    head = base.get_output_embeddings()
     packable = {name for name, linear in layers.items() if float(linear.weight.detach().abs().max()) <= FP16_MAX}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one pass over each small matrix: a thread team only waits (2x slower on 2 busy cores)
     try:
         for group in _sibling_groups(packable):
             linears = [layers.pop(name) for name in group]  # each fp32 layer freed once packed
-            product = HalfProduct([linear.weight for linear in linears], [linear.bias for linear in linears])
+            fits = kind == "int4" and all(linear is not head and int4_fits(linear.weight) for linear in linears)
+            product = PackedProduct([linear.weight for linear in linears], [linear.bias for linear in linears],
+                                    "int4" if fits else "fp16")
             for part, (name, linear) in enumerate(zip(group, linears, strict=True)):
                 parent, _, child = name.rpartition(".")
-                setattr(base.get_submodule(parent), child, half_linear(linear, product, part))
+                setattr(base.get_submodule(parent), child, packed_linear(linear, product, part))
     finally:
         torch.set_num_threads(threads)
     return len(packable)
@@ -224,19 +302,24 @@ def quantize_int8(model: Any, architecture: Architecture) -> int:
 
 
 def packed_weights(model: Any) -> tuple[int, int]:
-    """(elements, bytes) of the weights held packed outside ``model.parameters()`` (fp16 and int8 layers)."""
+    """(elements, bytes) of the weights held packed outside ``model.parameters()`` (fp16, int4 and int8 layers)."""
     elements = size = 0
     products = {id(product): product for module in model.modules()
                 if (product := getattr(module, "product", None)) is not None}
     for product in products.values():
         elements += product.elements
-        size += product.elements * 2
+        size += product.bytes
     for module in model.modules():
         if hasattr(module, "_packed_params") and hasattr(module, "in_features"):  # an int8 layer, not its params
             count = module.in_features * module.out_features
             elements += count
             size += count
     return elements, size
+
+
+def threaded_products(model: Any) -> bool:
+    """Whether some of ``model``'s packed products share their work among the threads (int4)."""
+    return any(getattr(getattr(module, "product", None), "kind", None) == "int4" for module in model.modules())
 
 
 def single_thread_decode(model: Any) -> bool:

@@ -24,6 +24,7 @@ names nothing gets the loaded model's active adapter (the last one given at star
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
@@ -31,7 +32,8 @@ from typing import Any
 
 from assistant.caches import DecodedImageCache, ImageFeatureCache, PrefixHit, PrefixKVCache
 from assistant.config import GenerationOptions
-from assistant.cpu_quant import packed_weights, single_thread_decode
+from assistant.cpu_quant import packed_weights, single_thread_decode, threaded_products
+from assistant.decode_threads import DecodeThreads
 from assistant.errors import BadAdapter
 from assistant.lean_decode import lean_token_step
 from assistant.messages import BASE_MODEL, ImageAttachment, Message
@@ -263,6 +265,8 @@ class LocalBackend:
 
     def __init__(self, loaded: LoadedModel, *, kv_cache_bytes: int = 1 << 30,
                  feature_cache_bytes: int = 256 << 20, decoded_image_bytes: int = 256 << 20) -> None:
+        import torch
+
         self.loaded = loaded
         self.decoded_images = DecodedImageCache(decoded_image_bytes)
         self.renderer = PromptRenderer(loaded.tokenizer, loaded.processor, self.decoded_images)
@@ -272,8 +276,12 @@ class LocalBackend:
         self.feature_cache = ImageFeatureCache(feature_cache_bytes)
         self._lock = device_lock(loaded.device)
         # A small model decodes in hundreds of tiny kernels per token: on a CPU one thread beats an OpenMP team
-        # (assistant/cpu_quant.py).
+        # (assistant/cpu_quant.py), unless its products share their work among the threads (int4): then the
+        # tokens are timed on both (assistant/decode_threads.py).
         self._one_thread = loaded.device == "cpu" and single_thread_decode(loaded.model)
+        team = torch.get_num_threads()
+        self._decode_threads = (DecodeThreads(team) if self._one_thread and team > 1
+                                and threaded_products(loaded.model) else None)
         if loaded.device == "cpu":
             use_cpu_attention(loaded.model)
 
@@ -356,8 +364,9 @@ class LocalBackend:
                 else:
                     logits = step(kv_cache, input_ids=sequence[:, done:])
             consistent = True
-            with _torch_threads(1 if self._one_thread else None):  # tokens: see ``stream``
-                while True:
+            threads = self._decode_threads
+            with _torch_threads(torch.get_num_threads() if threads else 1 if self._one_thread else None):
+                while True:  # tokens: see ``stream``
                     with torch.inference_mode():
                         token = pick(sequence, logits)
                     sequence = torch.cat([sequence, token], dim=-1)
@@ -366,8 +375,14 @@ class LocalBackend:
                     if generated[-1] in pick.eos or len(generated) >= options.max_new_tokens:
                         break
                     consistent = False
+                    if threads:
+                        count = threads.next_count()
+                        torch.set_num_threads(count)
+                        started = time.perf_counter()
                     with torch.inference_mode():
                         logits = token_step(kv_cache, token) if token_step else step(kv_cache, input_ids=token)
+                    if threads:
+                        threads.record(count, time.perf_counter() - started)
                     consistent = True
             yield from chunks.end()
         finally:

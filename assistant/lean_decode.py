@@ -4,7 +4,7 @@ On a CPU a decode step of a 135M model is about a thousand tiny kernels, and the
 decorators, keyword plumbing, mask and position bookkeeping per layer) cost a quarter of the step (21 ms against
 17 ms on the default model). ``lean_token_step`` computes what transformers' Llama code computes for one new token
 with as few kernels as give the same numbers: one ``rms_norm`` per norm, q and k rotated together by a roll, q/k/v
-and gate/up as one product where their fp16 weights are stacked (``cpu_quant.HalfProduct``), every other projection
+and gate/up as one product where their packed weights are stacked (``cpu_quant.PackedProduct``), every other projection
 through its module's ``forward`` (fp32, int8 and LoRA layers work as they are). The logits are the same bit for bit
 (tests/test_decode.py; default model, one thread: 16.4-17.0 -> 15.1-15.6 ms a step). Anything else (other
 families, RoPE scaling, hooks, several tokens, other dtypes than fp32) takes the model's own forward.
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-
-from assistant.cpu_quant import fp16_kernels
 
 # The decoder classes whose layer code ``lean_token_step`` reproduces, by module path and class name.
 LLAMA_CLASSES = {"decoder": "LlamaModel", "layer": "LlamaDecoderLayer", "attention": "LlamaAttention",
@@ -98,15 +96,14 @@ def lean_token_step(model: Any) -> Callable[[Any, Any], Any] | None:
 
 def _stacked(parent: Any, names: tuple[str, ...]) -> Callable[[Any], Any]:
     """The outputs of ``parent``'s layers ``names`` on one input, side by side: one product where the layers are
-    stacked fp16 siblings (``cpu_quant.HalfProduct``), each layer's own forward otherwise (LoRA, int8, fp32)."""
+    stacked packed siblings (``cpu_quant.PackedProduct``), each layer's own forward otherwise (LoRA, int8, fp32)."""
     import torch
 
     layers = [getattr(parent, name) for name in names]
     product = getattr(layers[0], "product", None)
     if product is not None and all(getattr(layer, "product", None) is product and layer.part == part
                                    for part, layer in enumerate(layers)) and len(product.sizes) == len(layers):
-        _, multiply = fp16_kernels()
-        packed = product.packed
+        multiply, packed = product.kernel, product.packed
         return lambda x: multiply(x, packed)
     forwards = [layer.forward for layer in layers]
     return lambda x: torch.cat([forward(x) for forward in forwards], dim=-1)

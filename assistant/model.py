@@ -23,6 +23,7 @@ from typing import Any
 from assistant.adapter_files import check_adapter_dir, check_adapter_weights, load_projector
 from assistant.architecture import Architecture, describe
 from assistant.config import ModelOptions, Paths
+from assistant.cpu_quant import half_weights_supported, int4_weights_supported, quantize_int8, quantize_packed
 from assistant.errors import AdapterMismatch, BadAdapter, BadSetting, ModelNotFound, one_line
 from assistant.files import build_once
 from assistant.messages import BASE_MODEL
@@ -196,6 +197,7 @@ def read_config(source: str, display: str) -> Any:
         raise ModelNotFound(f"{display}: cannot load ({one_line(exc)})") from None
 
 
+CPU_QUANTS = ("int4", "fp16", "int8")  # packed by assistant/cpu_quant.py after loading in fp32
 VLM_EXTRAS = ("torchvision", "num2words")  # what some families' processors import (the ``vlm`` extra)
 
 
@@ -233,13 +235,15 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
     cuda = _is_cuda(device)
     quant = options.quant
     if quant == "auto":
-        # NF4 on CUDA; on an x86 CPU fp16 weights: twice fp32's decode speed or more with the same greedy answers
-        # (assistant/cpu_quant.py, bench/int8_agreement.py); full precision elsewhere.
-        from assistant.cpu_quant import half_weights_supported
-
-        quant = "4bit" if cuda else "fp16" if device == "cpu" and half_weights_supported() else "none"
-    if quant == "int8" and device != "cpu":
-        raise BadSetting("--quant int8 is the CPU path; on a GPU use 4bit or 8bit")
+        # NF4 on CUDA; on a CPU int4 weights where its kernel is fast (as faithful to full precision as llama.cpp
+        # on the same GGUF), else fp16 (twice fp32's speed, the same greedy answers): assistant/cpu_quant.py,
+        # bench/agreement.py; full precision elsewhere.
+        quant = "4bit" if cuda else "none" if device != "cpu" else (
+            "int4" if int4_weights_supported() else "fp16" if half_weights_supported() else "none")
+    if quant in CPU_QUANTS and device != "cpu":
+        raise BadSetting(f"--quant {quant} is a CPU path; on a GPU use 4bit or 8bit")
+    if quant == "fp16" and not half_weights_supported() or quant == "int4" and not int4_weights_supported():
+        raise BadSetting(f"--quant {quant}: this CPU has no fast kernel for it; use --quant none")
     progress(f"loading {name} on {device} ({quant})")
     config = read_config(source, name)
     architecture = describe(config)
@@ -253,16 +257,17 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
         model.to(device)  # type: ignore[arg-type]
     model.eval()
     loaded = LoadedModel(model=model, tokenizer=tokenizer, processor=processor, architecture=architecture,
-                         name=name, device=device, quant="none" if quant in ("int8", "fp16") else quant,
+                         name=name, device=device, quant="none" if quant in CPU_QUANTS else quant,
                          context_length=context_length_of(config), fingerprint=base_fingerprint(config))
     for adapter in options.adapters:
         progress(f"attaching adapter {adapter}")
         attach_adapter(loaded, adapter, trust_pickle=options.trust_pickle)
-    if quant in ("int8", "fp16"):  # after the adapters: PEFT cannot wrap int8 layers (it wraps fp16 ones later)
-        from assistant.cpu_quant import quantize_half, quantize_int8
-
+    if quant in CPU_QUANTS:  # after the adapters: PEFT cannot wrap int8 layers (it wraps fp16 and int4 ones later)
         progress(f"packing the language model's weights in {quant}")
-        (quantize_int8 if quant == "int8" else quantize_half)(loaded.model, architecture)
+        if quant == "int8":
+            quantize_int8(loaded.model, architecture)
+        else:
+            quantize_packed(loaded.model, architecture, quant)
         loaded.quant = quant
     return loaded
 

@@ -3,8 +3,9 @@
 1. Local: Iris's in-process backend against llama.cpp's server, end-to-end tokens/s of 128 greedy tokens (target for
    the default model as users get it: >= 0.5 x llama.cpp, the faster of its 2-thread and 1-thread servers: on a busy
    machine a 2-thread team stalls on the other core). Iris runs the default vision model on a text turn with
-   ``--quant auto`` (fp16 weights on a CPU), ``--quant int8`` and ``--quant none`` (fp32), and the bare SmolLM2
-   (the GGUF as ``--model``): the vision model must decode as fast as its language model alone (target >= 0.95).
+   ``--quant auto`` (int4 weights on an AVX2/AVX-512 CPU), ``--quant fp16``, ``--quant int8`` and ``--quant none``
+   (fp32), and the bare SmolLM2 (the GGUF as ``--model``): the vision model must decode as fast as its language
+   model alone (target >= 0.95).
 2. Served: Iris's OpenAI backend in front of that server vs calling it directly over HTTP (target >= 0.95).
 3. The physical limit: this machine's memory bandwidth over the bytes of weights one token reads.
 Every round runs all of them once, in turn; medians of the rounds are compared. Beside each wall-clock ratio, the
@@ -47,8 +48,9 @@ NEW_TOKENS = 128
 ROUNDS = 3
 THREADS = 2
 SERVERS = (THREADS, 1)  # llama.cpp thread counts
-LOCAL = {"default": "default model, --quant auto (fp16 weights)", "int8": "default model, --quant int8",
-         "none": "default model, --quant none (fp32)", "bare": "bare SmolLM2 (the GGUF), --quant auto"}
+LOCAL = {"default": "default model, --quant auto (int4 weights)", "fp16": "default model, --quant fp16",
+         "int8": "default model, --quant int8", "none": "default model, --quant none (fp32)",
+         "bare": "bare SmolLM2 (the GGUF), --quant auto"}
 
 
 def iris_rate(backend: LocalBackend, work: Path, tokenizer: Any) -> tuple[float, float]:
@@ -119,6 +121,7 @@ def main() -> None:
     gguf = str(embedded_gguf_path())
     backends = {name: LocalBackend(load(options, paths), kv_cache_bytes=0) for name, options in (
         ("default", with_default_model(ModelOptions(), paths)),
+        ("fp16", with_default_model(ModelOptions(quant="fp16"), paths)),
         ("int8", with_default_model(ModelOptions(quant="int8"), paths)),
         ("none", with_default_model(ModelOptions(quant="none"), paths)),
         ("bare", ModelOptions(model=gguf)))}
@@ -171,7 +174,7 @@ def main() -> None:
     print(f"llama.cpp server direct: {direct:.2f} s   through Iris's OpenAI backend: {through:.2f} s   "
           f"ratio {direct / through:.3f} (target >= 0.95)")
     bandwidth = {threads: read_bandwidth(threads) for threads in (1, THREADS)}
-    for name in ("int8", "default"):
+    for name in ("default", "fp16", "int8"):
         per_token = packed_weights(backends[name].loaded.model)[1]
         ceilings = "  ".join(f"{threads} thread(s) {bw / 2**30:.1f} GiB/s -> {bw / per_token:.0f} tok/s"
                              for threads, bw in bandwidth.items())

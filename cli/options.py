@@ -9,9 +9,9 @@ import typer
 ModelOption = Annotated[str | None, typer.Option(
     "--model", "-m", help="HF model dir, hub id or .gguf file (default: the embedded model); with "
     "--backend openai, the served model name.")]
-QuantOption = Annotated[str | None, typer.Option("--quant", help="4bit | 8bit (bitsandbytes) | int8 (CPU, "
-                                                 "several times faster than none) | none (default: 4bit on CUDA, "
-                                                 "none on CPU).")]
+QuantOption = Annotated[str | None, typer.Option("--quant", help="4bit | 8bit (bitsandbytes, GPU) | int4 | fp16 | "
+                                                 "int8 (CPU) | none (full precision); default: 4bit on CUDA, int4 "
+                                                 "on a CPU (fp16 where int4 has no fast kernel).")]
 AdapterOption = Annotated[list[str] | None, typer.Option("--adapter", help="LoRA adapter directory (repeatable).")]
 TrustPickleOption = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle (.bin) adapter weights.")]
 BackendOption = Annotated[str | None, typer.Option("--backend", help="local (default) | openai: any "

@@ -152,7 +152,7 @@ def test_every_familys_fp16_weights_stack_their_projections_and_decode_as_genera
     if not half_weights_supported():
         pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
     model_dir = FAMILY_BUILDERS[name](tmp_path / name)
-    backend, full = _backend(model_dir, quant="auto", kv_cache_bytes=0), _backend(model_dir)
+    backend, full = _backend(model_dir, quant="fp16", kv_cache_bytes=0), _backend(model_dir)
     assert backend.loaded.quant == "fp16"
     stacked = [module for module in backend.loaded.model.modules()
                if hasattr(module, "q_proj") and getattr(module.q_proj, "product", None) is not None]
@@ -219,13 +219,13 @@ def test_stacked_fp16_siblings_give_each_layer_its_own_output(monkeypatch: pytes
     """q/k/v (or gate/up) packed as one product give each layer exactly its own product; one input's product is
     computed once for all siblings and then let go, and siblings called on different inputs (a cross-attention's
     k/v) still get their own input's output."""
-    from assistant.cpu_quant import HalfProduct, fp16_kernels, half_weights_supported
+    from assistant.cpu_quant import PackedProduct, fp16_kernels, half_weights_supported
 
     if not half_weights_supported():
         pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
     pack, multiply = fp16_kernels()
     linears = [torch.nn.Linear(64, size, bias=bias) for size, bias in ((96, True), (32, False), (32, True))]
-    product = HalfProduct([linear.weight for linear in linears], [linear.bias for linear in linears])
+    product = PackedProduct([linear.weight for linear in linears], [linear.bias for linear in linears])
     alone = [pack(linear.weight.detach(), linear.bias) for linear in linears]
     x, y = torch.randn(1, 7, 64), torch.randn(1, 3, 64)
     stacked_calls: list[torch.Tensor] = []
@@ -283,7 +283,7 @@ def test_a_long_fp16_product_shares_its_rows_among_the_threads(monkeypatch: pyte
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("quant", ["none", "auto", "int8"])
+@pytest.mark.parametrize("quant", ["none", "fp16", "int4", "int8"])
 def test_a_llama_decoders_token_step_gives_its_own_forwards_logits(model_dirs: dict[str, Path], quant: str) -> None:
     """``lean_token_step`` runs one token through a Llama decoder's modules without their machinery: logits equal,
     bit for bit, to the module path's, for a text model, a vision model's language model and a LoRA adapter."""

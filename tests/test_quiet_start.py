@@ -19,8 +19,8 @@ from cli.quiet import QUIET_ENVIRONMENT, VERBOSE_ENV
 
 IRIS = str(Path(sys.executable).with_name("iris"))
 # Every line Iris itself may show while it starts (cli/runtime.py's status line, fed by the loading steps).
-IRIS_STEPS = re.compile(r"^(loading model…|loading .+ on cpu \((none|fp16|int8|4bit|8bit)\)|"
-                        r"packing the language model's weights in (fp16|int8)|"
+IRIS_STEPS = re.compile(r"^(loading model…|loading .+ on cpu \((none|int4|fp16|int8|4bit|8bit)\)|"
+                        r"packing the language model's weights in (int4|fp16|int8)|"
                         r"attaching adapter .+|converting .+ \(once\)|composing the default vision model \(once\)|"
                         r"waiting for another Iris process .+)$")
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]")
@@ -74,7 +74,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_info_and_ask_on_a_cold_start_show_only_iris_lines(tiny_dirs: dict[str, Path], tmp_path: Path,
                                                            sample_png: Path) -> None:
     status, stdout, lines = run_in_terminal(["info", "--model", str(tiny_dirs["llama"])], tmp_path / "home")
-    assert status == 0 and "quantization: fp16" in stdout  # the CPU default: packed fp16 weights
+    assert status == 0 and "quantization: int4" in stdout  # the CPU default: packed int4 weights
     assert_only_iris(lines)
     status, stdout, lines = run_in_terminal(["ask", "what is this?", "--image", str(sample_png), "--model",
                                              str(tiny_dirs["llava"]), "--quant", "int8", "--temperature", "0",

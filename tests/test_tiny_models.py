@@ -193,15 +193,15 @@ def test_int8_cpu_path_keeps_adapters_switchable(model_dirs: dict[str, Path], tm
     assert "".join(LocalBackend(llava).stream(_user("see", load_image_path(sample_png)), GREEDY))
 
 
-def test_the_cpu_default_packs_language_model_weights_in_fp16(model_dirs: dict[str, Path], sample_png: Path) -> None:
-    """``--quant auto`` on a CPU: the language model's Linear layers hold fp16 weights (fp32 products), the vision
+def test_fp16_packs_the_language_model_weights(model_dirs: dict[str, Path], sample_png: Path) -> None:
+    """``--quant fp16`` on a CPU: the language model's Linear layers hold fp16 weights (fp32 products), the vision
     tower and projector stay fp32, and the logits stay within fp16 rounding of full precision."""
     from assistant.cpu_quant import half_weights_supported
 
     if not half_weights_supported():
         pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
     full = load(ModelOptions(model=str(model_dirs["llava"]), quant="none"), Paths.default())
-    loaded = load(ModelOptions(model=str(model_dirs["llava"])), Paths.default())
+    loaded = load(ModelOptions(model=str(model_dirs["llava"]), quant="fp16"), Paths.default())
     assert loaded.quant == "fp16"
     modules = dict(loaded.model.named_modules())
     packed = [name for name, module in modules.items() if getattr(module, "product", None) is not None]
@@ -230,7 +230,7 @@ def test_adapters_attach_switch_and_detach_on_fp16_weights(model_dirs: dict[str,
     if not half_weights_supported():
         pytest.skip("fp16 weights need fbgemm (an x86 CPU)")
     adapter = save_strong_lora(model_dirs["llama"], tmp_path / "pirate", seed=8)
-    loaded = load(ModelOptions(model=str(model_dirs["llama"])), Paths.default())
+    loaded = load(ModelOptions(model=str(model_dirs["llama"]), quant="fp16"), Paths.default())
     backend = LocalBackend(loaded)
     messages = _user("hi")
     plain = "".join(backend.stream(messages, GREEDY))
