@@ -9,13 +9,15 @@ products per step, so when another process keeps one core busy the same step tak
 
 from __future__ import annotations
 
-import math
+import statistics
+from collections import deque
 
 # Every TRY_EVERY tokens the count not in use decodes TRY_TOKENS tokens, so a change of load is noticed within a
-# fraction of a second; each count's step time is an exponential average with weight RECENT for the newest.
+# fraction of a second. Each count is judged by the median of its last RECENT step times: a lone slow step (a page
+# fault, another process's burst) does not send a whole answer to the slower count, a lasting change does in 3 steps.
 TRY_EVERY = 32
 TRY_TOKENS = 2
-RECENT = 0.5
+RECENT = 5
 
 
 class DecodeThreads:
@@ -24,19 +26,18 @@ class DecodeThreads:
 
     def __init__(self, team: int) -> None:
         self.team = team
-        self._step_seconds = {team: math.inf, 1: math.inf}
+        self._step_seconds: dict[int, deque[float]] = {team: deque(maxlen=RECENT), 1: deque(maxlen=RECENT)}
         self._tokens = 0
 
     def next_count(self) -> int:
         """The thread count for the next token: an unmeasured count first, then mostly the faster one."""
-        unmeasured = [count for count, seconds in self._step_seconds.items() if seconds == math.inf]
+        unmeasured = [count for count, seconds in self._step_seconds.items() if not seconds]
         if unmeasured:
             return unmeasured[0]
-        faster, slower = sorted(self._step_seconds, key=self._step_seconds.__getitem__)
+        faster, slower = sorted(self._step_seconds, key=lambda count: statistics.median(self._step_seconds[count]))
         return slower if self._tokens % TRY_EVERY < TRY_TOKENS else faster
 
     def record(self, count: int, seconds: float) -> None:
         """A token took ``seconds`` on ``count`` threads."""
-        before = self._step_seconds[count]
-        self._step_seconds[count] = seconds if before == math.inf else RECENT * seconds + (1 - RECENT) * before
+        self._step_seconds[count].append(seconds)
         self._tokens += 1
