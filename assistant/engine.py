@@ -320,7 +320,8 @@ class LocalBackend:
 
         On a CPU the tokens are decoded here, in the caller's thread, through the language model alone
         (``_decode_here``): the images' encoding and the prefill (large products, long attention) use the
-        process's threads, each token one thread (a few hundred tiny kernels, where a thread team only waits).
+        process's threads, each token of a small model one thread (a few hundred tiny kernels, where a thread team
+        only waits), or with int4 weights whichever of one thread and the team is faster now (``DecodeThreads``).
         ``generate`` in a worker thread serves other devices and inputs that only the family's own forward
         understands (pixel values given to the processor, M-RoPE positions).
         """
