@@ -25,7 +25,6 @@ class DecodeThreads:
     backend across turns, so a conversation starts with what the last turn learnt."""
 
     def __init__(self, team: int) -> None:
-        self.team = team
         self._step_seconds: dict[int, deque[float]] = {team: deque(maxlen=RECENT), 1: deque(maxlen=RECENT)}
         self._tokens = 0
 
