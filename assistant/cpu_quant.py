@@ -3,12 +3,13 @@
 A CPU decodes at the speed it streams weights from memory, so fewer bytes per weight is most of the speed.
 
 - ``int4`` (what ``--quant auto`` picks on an AVX2 or AVX-512 CPU): 4 bits per weight with a scale and a zero per 32
-  inputs, GGUF's Q4_1 layout (a Q4_1 file, like the default model's, keeps its own codes and steps), multiplied by
-  ATen's int4 kernel on bf16 activations (``int4_kernels``), which spreads each product over the threads. A third of
-  fp16's bytes; the default model decodes a token in 11.4 ms on 2 idle cores against fp16's 14-17 ms on one (fp16's
-  kernel cannot share a one-row product). bench/agreement.py on the default model: 97.4% token agreement with full
-  precision, where llama.cpp's own server on the same GGUF agrees on 96.8% of the text tokens (int4: 97.8%). The
-  output head stays fp16, as GGUF files keep it at 8 bits or more.
+  inputs, GGUF's Q4_1 layout (a Q4_1 file, like the default model's, keeps its own codes; with the step and zero
+  rounded to bf16 each weight lands within 0.07 of a step of the file's), multiplied by ATen's int4 kernel on bf16
+  activations (``int4_kernels``), which spreads each product over the threads. A third of fp16's bytes; the default
+  model decodes a token in 11.4 ms on 2 idle cores against fp16's 14-17 ms on one (fp16's kernel cannot share a
+  one-row product). bench/agreement.py on the default model: 97.4% token agreement with full precision, where
+  llama.cpp's own server on the same GGUF agrees on 96.8% of the text tokens (int4: 97.8%). The output head stays
+  fp16, as GGUF files keep it at 8 bits or more.
 - ``fp16``: fbgemm's packed half-precision weights multiplied in fp32 (``fp16_kernels``): half the bytes of fp32,
   twice its decode speed or more, and the same greedy answers (99.7% token agreement, 26 of 28 answers identical).
   Picked by ``auto`` on an x86 CPU without the int4 kernel.
@@ -104,7 +105,7 @@ def int4_weights_supported() -> bool:
 @cache
 def int4_kernels() -> tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]:
     """``(pack, multiply)`` for 4-bit weights, as fp16's: an affine scale and zero per ``INT4_GROUP`` inputs of each
-    output row (GGUF's Q4_1: a Q4_1 file's weights come back with their own codes and steps, the zero rounded to
+    output row (GGUF's Q4_1: a Q4_1 file's weights come back with their own codes, the step and zero rounded to
     bf16), multiplied by ATen's int4 kernel on bf16 activations, which spreads each product over the threads."""
     import torch
 
