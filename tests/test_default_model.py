@@ -98,3 +98,27 @@ def test_default_model_in_4bit_with_a_lora_adapter(real_paths: Paths, tmp_path: 
     greedy = GenerationOptions(temperature=0, max_new_tokens=12)
     assert "Paris" in "".join(backend.stream(question, greedy, adapter=BASE_MODEL))
     assert "".join(backend.stream(question, greedy))  # the adapter given at load is active
+
+
+def test_the_cpu_default_keeps_the_gguf_s_own_4_bit_codes(real_paths: Paths) -> None:
+    """The embedded GGUF stores its layers as Q4_1 (per 32 inputs: step × code 0-15 + minimum). ``--quant int4``
+    packs every such group with the file's own codes; its step and zero, rounded to bf16, keep each weight within a
+    tenth of a step of the file's."""
+    import torch
+
+    from assistant.cpu_quant import INT4_GROUP, quantize_groups
+
+    model = load(with_default_model(ModelOptions(quant="none"), real_paths), real_paths).model
+    for layer in model.get_decoder().layers[::7]:
+        for linear in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            weight = linear.weight.detach()
+            groups = weight.reshape(weight.shape[0], -1, INT4_GROUP)
+            low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+            step = ((high - low) / 15).half().float()  # the file's fp16 step: its codes span 0-15 in every group
+            file_codes = ((groups - low) / step).round()
+            assert torch.equal(file_codes * step + low, groups)  # they are the file's codes
+            codes, scales_and_zeros = quantize_groups(weight)
+            assert torch.equal(codes.reshape(groups.shape).float(), file_codes)
+            scale, zero = (scales_and_zeros[..., index].float().t()[..., None] for index in (0, 1))
+            packed = (codes.reshape(groups.shape).float() - 8) * scale + zero
+            assert float(((packed - groups).abs() / step).max()) < 0.1
