@@ -218,3 +218,28 @@ def test_the_decode_loop_times_both_thread_counts_and_answers_alike(tmp_path: Pa
         assert answer == expected
     finally:
         torch.set_num_threads(before)
+
+
+@needs_int4
+def test_layers_the_int4_kernel_cannot_take_stay_fp16_and_still_answer(tmp_path: Path) -> None:
+    """A language model 48 wide: the layers that read its hidden state (q/k/v, gate/up) stay fp16, 48 inputs being
+    no whole number of 32-input groups; the down projection (64 inputs, 48 outputs) is int4; the answer is
+    ``generate``'s."""
+    from tiny_models import tiny_llama_config, tiny_tokenizer
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_llama_config(len(tokenizer), 512)
+    config.hidden_size, config.intermediate_size, config.num_attention_heads = 48, 64, 4
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "odd")
+    tokenizer.save_pretrained(tmp_path / "odd")
+    backend = LocalBackend(load(ModelOptions(model=str(tmp_path / "odd"), quant="int4"), Paths.default()),
+                           kv_cache_bytes=0)
+    kinds = {name: module.product.kind for name, module in backend.loaded.model.named_modules()
+             if hasattr(module, "product")}
+    assert kinds["model.layers.0.self_attn.q_proj"] == "fp16" and kinds["model.layers.0.mlp.up_proj"] == "fp16"
+    assert kinds["model.layers.0.mlp.down_proj"] == "int4"  # 64 inputs, 48 outputs
+    messages = _messages("odd sizes")
+    assert "".join(backend.stream(messages, GREEDY)) == _generate(backend, messages)
