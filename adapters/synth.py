@@ -185,9 +185,15 @@ def random_scene(rng: random.Random, max_objects: int = MAX_OBJECTS) -> Scene:
 
 
 def training_questions(scene: Scene, rng: random.Random) -> list[Question]:
-    """2–4 questions on different skills, in random order, each in a random training phrasing."""
-    return [make_question(scene, skill, rng.choice(TRAIN_PHRASINGS[skill]), rng)
-            for skill in rng.sample(SKILLS, rng.randint(2, 4))]
+    """2–4 questions on different skills, in random order, each in a random training phrasing; a yes/no question
+    always comes first. After another turn it could be answered from the text alone ("How many red circles are
+    there?" / "Three." then "Is there a red circle?"), and a model taught that way answers yes/no without looking:
+    ``iris eval`` asks it first, about the image only."""
+    skills = rng.sample(SKILLS, rng.randint(2, 4))
+    if "pope" in skills:
+        skills.remove("pope")
+        skills.insert(0, "pope")
+    return [make_question(scene, skill, rng.choice(TRAIN_PHRASINGS[skill]), rng) for skill in skills]
 
 
 # writing datasets ---------------------------------------------------------------------------------------------
