@@ -265,8 +265,6 @@ class LocalBackend:
 
     def __init__(self, loaded: LoadedModel, *, kv_cache_bytes: int = 1 << 30,
                  feature_cache_bytes: int = 256 << 20, decoded_image_bytes: int = 256 << 20) -> None:
-        import torch
-
         self.loaded = loaded
         self.decoded_images = DecodedImageCache(decoded_image_bytes)
         self.renderer = PromptRenderer(loaded.tokenizer, loaded.processor, self.decoded_images)
@@ -279,9 +277,8 @@ class LocalBackend:
         # (assistant/cpu_quant.py), unless its products share their work among the threads (int4): then the
         # tokens are timed on both (assistant/decode_threads.py).
         self._one_thread = loaded.device == "cpu" and single_thread_decode(loaded.model)
-        team = torch.get_num_threads()
-        self._decode_threads = (DecodeThreads(team) if self._one_thread and team > 1
-                                and threaded_products(loaded.model) else None)
+        self._timed_threads = self._one_thread and threaded_products(loaded.model)
+        self._decode_threads: DecodeThreads | None = None
         if loaded.device == "cpu":
             use_cpu_attention(loaded.model)
 
@@ -365,7 +362,7 @@ class LocalBackend:
                 else:
                     logits = step(kv_cache, input_ids=sequence[:, done:])
             consistent = True
-            threads = self._decode_threads
+            threads = self._thread_chooser()
             with _torch_threads(torch.get_num_threads() if threads else 1 if self._one_thread else None):
                 while True:  # tokens: see ``stream``
                     with torch.inference_mode():
@@ -390,6 +387,15 @@ class LocalBackend:
             if consistent and cache_key is not None:
                 length = kv_cache.get_seq_length()
                 self.prefix_cache.store(adapter, (cache_key + tuple(generated))[:length], kv_cache)
+
+    def _thread_chooser(self) -> DecodeThreads | None:
+        """The tokens' thread chooser, made by the first thread that decodes: its team is the one the tokens use
+        (the Discord bot decodes on its own thread)."""
+        import torch
+
+        if self._decode_threads is None and self._timed_threads and torch.get_num_threads() > 1:
+            self._decode_threads = DecodeThreads(torch.get_num_threads())
+        return self._decode_threads
 
     def _generate_in_worker(self, inputs: dict[str, Any], hit: PrefixHit | None,
                             cache_key: tuple[int, ...] | None, options: GenerationOptions,

@@ -200,15 +200,14 @@ def test_the_decode_loop_times_both_thread_counts_and_answers_alike(tmp_path: Pa
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        backend = LocalBackend(backend.loaded, kv_cache_bytes=0)  # built with a team of two
-        assert backend._decode_threads is not None
+        backend = LocalBackend(backend.loaded, kv_cache_bytes=0)
         seen: list[int] = []
         backend.loaded.model.get_decoder().register_forward_pre_hook(
             lambda module, args: seen.append(torch.get_num_threads()))
         messages = _messages("count to many")
         options = GenerationOptions(temperature=0, max_new_tokens=2 * TRY_EVERY)
         answer = "".join(backend.stream(messages, options))
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and backend._decode_threads is not None
         assert seen[0] == 2 and set(seen[1:]) == {1, 2}  # the prefill on the team, tokens on both
         encoded = backend.renderer.encode(messages)
         with torch.inference_mode():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fakes import FakeBackend
 from typer.testing import CliRunner
 
@@ -43,7 +44,7 @@ def test_token_reaches_the_gateway_but_never_the_output(monkeypatch: pytest.Monk
     opened: dict[str, Any] = {}
 
     def fake_open_manager(settings: Any, paths: Paths) -> tuple[DialogueManager, Store]:
-        opened["model"] = settings.model
+        opened["model"], opened["threads"] = settings.model, torch.get_num_threads()
         return DialogueManager(FakeBackend(), store), store
 
     async def fake_run_bot(bot: bot_module.IrisBot, token: str) -> None:
@@ -54,9 +55,11 @@ def test_token_reaches_the_gateway_but_never_the_output(monkeypatch: pytest.Monk
     monkeypatch.setattr(discord_cmd.runtime, "open_manager", fake_open_manager)
     monkeypatch.setattr(bot_module, "run_bot", fake_run_bot)
     caplog.set_level(logging.DEBUG)
+    before = torch.get_num_threads()
     result = CliRunner().invoke(app, ["discord", "--model", "some/model", "--quant", "none",
                                         "--adapter", "a1", "--adapter", "a2"])
     assert result.exit_code == 0, result.output
+    assert opened["threads"] == 1 and torch.get_num_threads() == before  # loaded on one thread (no second team)
     assert opened["token"] == SECRET
     assert opened["model"].model == "some/model" and opened["model"].quant == "none"
     assert opened["model"].adapters == ("a1", "a2")
