@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from assistant.config import Paths, Settings
-from assistant.dialogue import DialogueManager
+from assistant.config import Paths
 from assistant.errors import BackendError, one_line
-from assistant.store import Store
 from cli import runtime
 from cli.options import AdapterOption, ApiKeyEnvOption, BackendOption, BaseUrlOption, ModelOption, QuantOption
 from cli.terminal import VisibleLogRecords
@@ -35,7 +33,8 @@ def discord(model: ModelOption = None, quant: QuantOption = None, adapter: Adapt
     token = read_token(discord_settings, paths)  # before loading the model: fail fast
     settings = runtime.resolve_settings(paths, model=model, quant=quant, adapters=adapter or (),
                                         backend=backend, base_url=base_url, api_key_env=api_key_env)
-    manager, store = _open_manager_for_the_bot(settings, paths)
+    with runtime.loading_on_one_thread():  # the bot answers on its own thread
+        manager, store = runtime.open_manager(settings, paths)
     _log_to_stderr()
     bot = IrisBot(manager, discord_settings, max_image_bytes=settings.max_image_bytes,
                   max_image_pixels=settings.max_image_pixels)
@@ -49,19 +48,6 @@ def discord(model: ModelOption = None, quant: QuantOption = None, adapter: Adapt
         raise BackendError(f"Discord: {type(error).__name__}: {one_line(error)}") from None
     finally:
         store.close()
-
-
-def _open_manager_for_the_bot(settings: Settings, paths: Paths) -> tuple[DialogueManager, Store]:
-    """The model loaded on one thread: the bot answers on a thread of its own, and an OpenMP team left behind by
-    the loading one would slow each of its 2-thread int4 decode steps about twofold (assistant/decode_threads.py)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return runtime.open_manager(settings, paths)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _log_to_stderr() -> None:

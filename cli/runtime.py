@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from assistant.config import BackendOptions, ModelOptions, Paths, Settings, load_settings
 from assistant.dialogue import ChatBackend, DialogueManager
@@ -43,6 +44,22 @@ def resolve_settings(paths: Paths, *, model: str | None = None, quant: str | Non
         backend_options: BackendOptions = dataclasses.replace(settings.backend, **backend_overrides)  # type: ignore[arg-type]
         settings = dataclasses.replace(settings, backend=backend_options)
     return settings
+
+
+@contextmanager
+def loading_on_one_thread() -> Iterator[None]:
+    """For commands that answer on threads of their own (``iris discord``, ``iris serve``): load with one thread,
+    so that parallel ATen ops run inline and leave no OpenMP team here. A team left behind by the loading thread
+    slows every 2-thread int4 decode step of an answering thread about twofold (22-24 ms against 11.4 on 2 cores:
+    assistant/decode_threads.py)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def open_backend(settings: Settings, paths: Paths) -> ChatBackend:

@@ -56,7 +56,8 @@ def serve(model: ModelOption = None, quant: QuantOption = None, adapter: Adapter
         raise BadSetting(f"--name must be printable text, got {name!r}")
     sock = bind(host, port)  # before loading: a taken port fails at once
     try:
-        backend = runtime.open_backend(settings, paths)
+        with runtime.loading_on_one_thread():  # each request is answered on a thread of its own
+            backend = runtime.open_backend(settings, paths)
         assert isinstance(backend, LocalBackend)  # the local kind, set above
         name = name or backend.loaded.name
         limits = Limits(max_request_bytes=max_request_mb * 1_000_000, max_images=max_images,
