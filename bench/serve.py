@@ -5,9 +5,9 @@
    greedy requests (distinct prompts, the same system prompt) in the same order.
 2. One client: each request through ``iris serve`` then straight from ``LocalBackend.stream`` in this process,
    alternating, completion tokens/s (target >= 0.95: HTTP, the device line and SSE cost almost nothing next to
-   generation; tokens/s, since the two processes' KV caches differ and int8 answers depend on them).
+   generation; tokens/s, since the two processes' KV caches differ and quantized answers may depend on them).
 Every round runs everything once, in turn; medians of the rounds are compared. Run: ``python bench/serve.py``
-(``--quant none`` for fp32; int8 is the fast CPU path).
+(``--quant auto``, the default: int4 on an AVX2/AVX-512 CPU; or fp16, int8, none).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ TOPICS = ["a lighthouse keeper and a storm", "a dragon afraid of fire", "a robot
           "a garden on the moon"]
 NEW_TOKENS = 64
 CLIENTS = (1, 2, 4)
-THREADS = 2  # torch's (the int8 path generates on one)
+THREADS = 2  # torch's (a small model's tokens use one or both: assistant/decode_threads.py)
 # llama.cpp's spinning thread barriers collapse on 2 busy shared cores; one thread holds up (test_llama_server.py).
 LLAMA_THREADS = 1
 
@@ -172,7 +172,7 @@ def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quant", default="int8", choices=("int8", "none"))
+    parser.add_argument("--quant", default="auto", choices=("auto", "int4", "fp16", "int8", "none"))
     parser.add_argument("--requests", type=int, default=8, help="requests per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args()
