@@ -24,7 +24,7 @@ from assistant.builders.default_model import with_default_model
 from assistant.config import ModelOptions, Paths
 from assistant.errors import BadAdapter, BadSetting, one_line
 from assistant.messages import ImageAttachment, Message, Role
-from assistant.model import LoadedModel, attach_adapter, load
+from assistant.model import CPU_QUANTS, LoadedModel, attach_adapter, load
 from assistant.prompt import PromptRenderer
 
 PROBE_TEXT = "Describe the image in one sentence."
@@ -65,6 +65,9 @@ def merged(adapter_dir: Path, *, model: str | None = None, quant: str = "none", 
     options = ModelOptions(model=adapter_base(adapter_dir, model), quant=quant, device=device)
     loaded = load(with_default_model(options, paths), paths)
     loaded.architecture.require("merging adapters")
+    if loaded.quant in CPU_QUANTS:  # packed for decoding: PEFT has no full weight to add the LoRA delta to
+        raise BadSetting(f"--quant {loaded.quant} packs the base for decoding on a CPU and cannot take a merge; "
+                         "merge into full precision with --quant none (the default)")
     if loaded.quant == "4bit" or getattr(loaded.model, "is_loaded_in_4bit", False):
         if not dequantize:
             raise BadSetting("the base is 4-bit: merging would round the result back to 4-bit (lossy); pass "

@@ -22,7 +22,8 @@ adapters_app = typer.Typer(help="List, inspect, merge and export trained adapter
 
 BaseOption = Annotated[str | None, typer.Option("--model", "-m", help="Base model (default: the one in the "
                                                 "adapter's manifest).")]
-QuantOption = Annotated[str, typer.Option("--quant", help="Load the base as none | 4bit.")]
+QuantOption = Annotated[str, typer.Option("--quant", help="Load the base as none | 4bit (the CPU's int4, fp16 and "
+                                          "int8 pack it for decoding and cannot take a merge).")]
 DequantizeOption = Annotated[bool, typer.Option("--dequantize", help="Merge into a 4-bit base by dequantizing it "
                                                 "first (writes full precision).")]
 TrustPickleOption = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle (.bin) adapter weights.")]

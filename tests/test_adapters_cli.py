@@ -88,6 +88,19 @@ def test_merge_refuses_a_4bit_base_unless_dequantized(tiny: dict[str, Path]) -> 
     assert json.loads((merged / "iris_manifest.json").read_text())["kind"] == "merged"
 
 
+@pytest.mark.parametrize("quant", ["int4", "fp16", "int8"])
+def test_merge_refuses_a_cpu_packed_base_in_one_line(tiny: dict[str, Path], quant: str) -> None:
+    from assistant.cpu_quant import int4_weights_supported
+
+    if not int4_weights_supported():
+        pytest.skip("int4 and fp16 weights need an x86 CPU with AVX2 or AVX-512")
+    _install(tiny)
+    refused = _invoke("adapters", "merge", "shapes-lora", "--quant", quant)
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1, refused.output
+    assert f"--quant {quant} packs the base" in refused.output and "--quant none" in refused.output
+    assert not (Paths.default().data / "models" / "shapes-lora-merged").exists()
+
+
 def test_export_loads_with_plain_transformers_and_matches_base_plus_adapter(tiny: dict[str, Path],
                                                                            tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
