@@ -152,6 +152,9 @@ def exact_match(answer: str, reference: str) -> bool:
 
 
 def keyword_match(answer: str, reference: str, question: str = "") -> bool:
+    expected = _polar(reference)
+    if expected is not None:  # a yes/no question: the answer's verdict, whatever else it says
+        return _yes_no(answer) == expected
     found = set(normalise(answer))
     return all(word in found for word in key_words(reference, question))
 
@@ -176,9 +179,20 @@ def answered_label(answer: str, labels: Sequence[str]) -> str:
     return best[2] if best else OTHER
 
 
-def _yes_no(text: str) -> str | None:
-    words = normalise(text)
+def _polar(reference: str) -> str | None:
+    """"yes" or "no" when ``reference`` answers a yes/no question (it starts with one), else None."""
+    words = normalise(reference)
     return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def _yes_no(text: str) -> str | None:
+    """The verdict of a yes/no answer: its first word when that is yes or no ("No, there is none."), else its last
+    yes or no ("I see two red circles, so no."); None when it has neither."""
+    words = normalise(text)
+    polar = [word for word in words if word in ("yes", "no")]
+    if not polar:
+        return None
+    return words[0] if words[0] in ("yes", "no") else polar[-1]
 
 
 def score(items: Sequence[EvalItem], answers: Sequence[str]) -> Score:
@@ -187,7 +201,7 @@ def score(items: Sequence[EvalItem], answers: Sequence[str]) -> Score:
         return Score(0, 0.0, 0.0)
     exact = sum(exact_match(a, i.reference) for i, a in zip(items, answers, strict=True))
     keyword = sum(keyword_match(a, i.reference, i.question) for i, a in zip(items, answers, strict=True))
-    polar = [a for i, a in zip(items, answers, strict=True) if _yes_no(i.reference) is not None]
+    polar = [a for i, a in zip(items, answers, strict=True) if _polar(i.reference) is not None]
     yes_rate = sum(_yes_no(a) == "yes" for a in polar) / len(polar) if polar else None
     return Score(len(items), exact / len(items), keyword / len(items), yes_rate)
 

@@ -19,6 +19,7 @@ import json
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -128,6 +129,11 @@ class Scene:
     def noun(self) -> str:
         return self.shape if self.count == 1 else f"{self.shape}s"
 
+    def evidence(self) -> str:
+        """What a yes/no answer states before its verdict ("I see three red circles"): the model names what it sees,
+        then compares that with the question in text (``make_question``)."""
+        return f"I see {COUNT_WORDS[self.count]} {self.colour} {self.noun()}"
+
     def caption(self) -> str:
         """One sentence naming count, colour, shape, side and background."""
         article = "an" if self.background[0] in "aeiou" else "a"
@@ -149,7 +155,10 @@ def make_question(scene: Scene, skill: str, phrasing: str, rng: random.Random,
                   present: bool | None = None) -> Question:
     """``phrasing`` (a template of ``TRAIN_PHRASINGS``/``EVAL_PHRASINGS``) asked about ``scene``. For a yes/no
     question ``present`` says whether the asked-about object is in the scene (None: a coin toss); an absent one
-    differs from the scene in colour or in shape."""
+    differs from the scene in colour or in shape. Its answer names what is seen, then the verdict ("I see three red
+    circles, so no."): SmolLM2-135M cannot match a question against an image in one step, nor even against a
+    sentence (asked "The picture shows a green star. Is there a green star?" it answers "No"), so the answer
+    splits the work into seeing (which it learns: colour, shape) and comparing in text (``write_compare_set``)."""
     one = scene.count == 1
     words = {"be": "is" if one else "are", "Be": "Is" if one else "Are", "does": "does" if one else "do",
              "they": "it" if one else "they", "obj": "shape" if one else "shapes",
@@ -164,7 +173,8 @@ def make_question(scene: Scene, skill: str, phrasing: str, rng: random.Random,
             shape = rng.choice([name for name in SHAPES if name != scene.shape])
         words |= {"target": f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}",
                   "targets": f"{colour} {shape}s"}
-        return Question(skill, phrasing.format(**words), "Yes." if present else "No.", "yes" if present else "no")
+        verdict = "yes" if present else "no"
+        return Question(skill, phrasing.format(**words), f"{scene.evidence()}, so {verdict}.", verdict)
     answers = {
         "colour": (f"{scene.colour.capitalize()}.", scene.colour),
         "shape": (f"A {scene.shape}." if one else f"{scene.noun().capitalize()}.", scene.noun()),
@@ -226,6 +236,34 @@ def synthesize(out_dir: Path, n: int, seed: int, *, max_objects: int = MAX_OBJEC
     return _write(Path(out_dir), samples())
 
 
+COMPARE_STATEMENTS = ("The picture shows {seen}.", "The image contains {seen}.", "In the photo there {be} {seen}.",
+                      "Someone drew {seen}.", "Here is a drawing of {seen}.", "My picture has {seen} in it.")
+
+
+def write_compare_set(out_dir: Path, n: int, seed: int) -> Path:
+    """Write ``n`` text-only yes/no samples as ``out_dir/data.jsonl``: a sentence says what a picture shows, a
+    training phrasing asks about an object (present or not, 50/50, an absent one differing in colour or shape), and
+    the answer is the one an image question gets ("I see two red circles, so no."). They teach the comparing half
+    of a yes/no answer cheaply (no image to encode); mix them into a LoRA stage with ``iris train --mix``."""
+    if n < 1:
+        raise BadSetting(f"--n must be at least 1, got {n}")
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        question = make_question(scene, "pope", rng.choice(TRAIN_PHRASINGS["pope"]), rng)
+        statement = rng.choice(COMPARE_STATEMENTS).format(seen=scene.evidence().removeprefix("I see "),
+                                                           be="is" if scene.count == 1 else "are")
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"{statement} {question.text}"},
+                                              {"role": "assistant", "content": question.answer}],
+                                 "category": "pope"}))
+    out_dir = Path(out_dir)
+    with _new_dir(out_dir):
+        data_file = out_dir / "data.jsonl"
+        data_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return data_file
+
+
 def write_eval_suite(out_dir: Path, per_skill: int, seed: int) -> Path:
     """Write a held-out LLaVA eval set: ``per_skill`` one-question samples for each of ``SKILLS``, all in the
     held-out style, tagged with ``"category"`` (the skill), answers being bare references ("red", "circle"/"circles",
@@ -263,9 +301,7 @@ def _balanced(values: Iterable[T], n: int, rng: random.Random) -> list[T]:
 
 def _write(out_dir: Path, samples: Iterable[tuple[Image.Image, dict[str, object]]]) -> Path:
     """Images and ``dataset.json`` into a new or empty ``out_dir`` (old images never mix with a new dataset)."""
-    try:
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            raise BadDataset(f"{out_dir}: already exists and is not empty; choose a new --out")
+    with _new_dir(out_dir):
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         records = []
         for image, record in samples:
@@ -273,7 +309,17 @@ def _write(out_dir: Path, samples: Iterable[tuple[Image.Image, dict[str, object]
             records.append(record)
         data_file = out_dir / "dataset.json"
         data_file.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-        return data_file
+    return data_file
+
+
+@contextmanager
+def _new_dir(out_dir: Path) -> Iterator[None]:
+    """Refuse a used ``out_dir`` (old files never mix with a new dataset); writing in it fails in one line."""
+    try:
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise BadDataset(f"{out_dir}: already exists and is not empty; choose a new --out")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        yield
     except OSError as exc:  # a read-only place, /proc or /sys, a full disk
         raise BadDataset(f"{out_dir}: cannot write the dataset there ({exc.strerror or one_line(exc)})") from None
 

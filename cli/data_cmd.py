@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from adapters.dataset import scan_dataset
-from adapters.synth import EVAL_PER_SKILL, MAX_OBJECTS, SKILLS, synthesize, write_eval_suite
+from adapters.synth import EVAL_PER_SKILL, MAX_OBJECTS, SKILLS, synthesize, write_compare_set, write_eval_suite
 from assistant.errors import BadSetting
 from cli.distill_cmd import distill
 from cli.terminal import visible
@@ -34,9 +34,19 @@ def synth(out: Annotated[Path, typer.Option("--out", help="New directory for dat
               "training never uses).")] = False,
           per_skill: Annotated[int | None, typer.Option(
               "--per-skill", help=f"With --eval-suite: questions per skill [default: {EVAL_PER_SKILL}].")] = None,
+          compare: Annotated[bool, typer.Option(
+              "--compare", help="Write text-only yes/no samples instead: a sentence says what a picture shows and "
+              "the answer compares it with the question (the comparing half of a yes/no answer; mix into training "
+              "with `iris train --mix`).")] = False,
           ) -> None:
     """Write a synthetic LLaVA dataset of coloured shapes with questions about colour, shape, count, side, a caption
-    and yes/no, or (--eval-suite) the held-out set that measures them."""
+    and yes/no, or (--eval-suite) the held-out set that measures them, or (--compare) text-only yes/no samples."""
+    if compare:
+        if eval_suite or max_objects is not None or per_skill is not None:
+            raise BadSetting("--compare writes text-only samples: it takes --n and --seed only")
+        n = 200 if n is None else n
+        typer.echo(visible(f"wrote {n} text-only yes/no samples to {write_compare_set(out, n, seed)}"))
+        return
     if eval_suite:
         if n is not None or max_objects is not None:
             raise BadSetting("--n and --max-objects shape a training set; the eval suite takes --per-skill")

@@ -70,6 +70,13 @@ def test_synth_a_first_stage_set_and_the_eval_suite(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "check", str(suite)])
     assert result.exit_code == 0 and result.stdout.startswith(f"OK: {suite}: 12 samples, 24 turns"), result.output
 
+    compare = tmp_path / "compare"
+    result = runner.invoke(app, ["data", "synth", "--compare", "--out", str(compare), "--n", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"wrote 4 text-only yes/no samples to {compare / 'data.jsonl'}"
+    result = runner.invoke(app, ["data", "check", str(compare)])
+    assert result.exit_code == 0 and result.stdout.startswith(f"OK: {compare}: 4 samples, 8 turns"), result.output
+
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--n", "0"], "--n must be at least 1, got 0"),
@@ -80,6 +87,9 @@ def test_synth_a_first_stage_set_and_the_eval_suite(tmp_path: Path) -> None:
     (["--eval-suite", "--n", "5"], "--n and --max-objects shape a training set; the eval suite takes --per-skill"),
     (["--eval-suite", "--max-objects", "1"],
      "--n and --max-objects shape a training set; the eval suite takes --per-skill"),
+    (["--compare", "--n", "0"], "--n must be at least 1, got 0"),
+    (["--compare", "--eval-suite"], "--compare writes text-only samples: it takes --n and --seed only"),
+    (["--compare", "--max-objects", "2"], "--compare writes text-only samples: it takes --n and --seed only"),
 ])
 def test_synth_bad_values_are_one_line_errors(flags: list[str], message: str, tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "out"), *flags])

@@ -74,6 +74,18 @@ def test_scores_confusions_yes_rate_and_chance() -> None:
     assert score(polar, ["Yes, there is.", "yes", "No."]).yes_rate == pytest.approx(2 / 3)
 
 
+def test_a_yes_no_answer_is_judged_by_its_verdict() -> None:
+    """The verdict is the first word when that is yes/no, else the last yes/no: evidence may come first, and a
+    "no" inside the evidence or after a leading verdict does not flip it."""
+    polar = [_item("yes"), _item("no"), _item("no"), _item("yes"), _item("no")]
+    answers = ["I see two red circles, so yes.", "I see one blue star, so no.", "No, there is no red star.",
+               "Yes, and no other shapes.", "I cannot tell."]
+    assert [keyword_match(answer, item.reference) for item, answer in zip(polar, answers, strict=True)] == \
+        [True, True, True, True, False]
+    assert not keyword_match("I see no red circle, so yes.", "no")
+    assert score(polar, answers).yes_rate == pytest.approx(2 / 5)
+
+
 def test_questions_and_categories_from_both_formats(tmp_path: Path) -> None:
     Image.new("RGB", (20, 20), (10, 200, 10)).save(tmp_path / "a.png")
     (tmp_path / "dataset.json").write_text(json.dumps([

@@ -35,6 +35,7 @@ from adapters.synth import (
     make_question,
     random_scene,
     synthesize,
+    write_compare_set,
     write_eval_suite,
 )
 from assistant.errors import BadDataset, BadSetting
@@ -155,7 +156,8 @@ def test_answers_are_true_to_the_pixels(dataset: Path) -> None:
                 assert words == (COUNT_WORDS[count].capitalize(), colour, shape, side, scene["background"]), reply
             elif skill == "pope":
                 asked = re.search(rf"({COLOUR_WORDS}) ({SHAPE_WORDS})", text).groups()  # type: ignore[union-attr]
-                assert reply == ("Yes." if asked == (colour, shape) else "No."), (text, reply)
+                verdict = "yes" if asked == (colour, shape) else "no"
+                assert reply == f"I see {COUNT_WORDS[count]} {colour} {noun}, so {verdict}.", (text, reply)
             else:
                 assert reply == expected[skill], (text, reply)
         for key, value in (("colour", colour), ("shape", shape), ("count", count), ("side", side),
@@ -176,8 +178,8 @@ def test_every_skill_is_asked_in_many_phrasings(dataset: Path) -> None:
             used[turn["category"]].add(template)
     assert all(len(templates) >= 6 for templates in used.values()), {k: len(v) for k, v in used.items()}
     replies = [turn["value"] for record in _records(dataset) for turn in record["conversations"][1::2]]
-    polar = [reply for reply in replies if reply in ("Yes.", "No.")]
-    assert 0.35 <= polar.count("Yes.") / len(polar) <= 0.65
+    polar = [reply for reply in replies if reply.endswith((", so yes.", ", so no."))]
+    assert 0.35 <= sum(reply.endswith("yes.") for reply in polar) / len(polar) <= 0.65
 
 
 def test_every_phrasing_reads_well_and_its_answer_scores_against_its_reference() -> None:
@@ -276,6 +278,7 @@ def test_eval_suite_is_balanced_tagged_and_true_to_its_pixels(suite: Path) -> No
     (lambda out: synthesize(out, 2, seed=0, max_objects=0), "--max-objects must be between 1 and 4, got 0"),
     (lambda out: synthesize(out, 2, seed=0, max_objects=5), "--max-objects must be between 1 and 4, got 5"),
     (lambda out: write_eval_suite(out, 0, seed=0), "--per-skill must be at least 1, got 0"),
+    (lambda out: write_compare_set(out, 0, seed=0), "--n must be at least 1, got 0"),
 ])
 def test_bad_sizes_are_refused_before_writing(call: Any, message: str, tmp_path: Path) -> None:
     with pytest.raises(BadSetting, match=f"^{re.escape(message)}$"):
@@ -284,9 +287,28 @@ def test_bad_sizes_are_refused_before_writing(call: Any, message: str, tmp_path:
 
 
 @pytest.mark.parametrize("write", [lambda out: synthesize(out, 3, seed=0),
-                                   lambda out: write_eval_suite(out, 1, seed=0)])
+                                   lambda out: write_eval_suite(out, 1, seed=0),
+                                   lambda out: write_compare_set(out, 3, seed=0)])
 def test_refuses_to_write_into_a_non_empty_directory(write: Any, tmp_path: Path) -> None:
     (tmp_path / "old.txt").write_text("keep me")
     with pytest.raises(BadDataset, match="not empty"):
         write(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["old.txt"]
+
+
+def test_compare_samples_state_a_scene_and_answer_by_comparing_the_question_with_it(tmp_path: Path) -> None:
+    """Text-only yes/no samples: the sentence names what is seen; the answer repeats it, then the true verdict."""
+    data_file = write_compare_set(tmp_path / "compare", 400, seed=5)
+    samples = read_dataset(data_file)
+    assert len(samples) == 400 and all(not message.images for sample in samples for message in sample.messages)
+    verdicts = Counter()
+    for line in data_file.read_text(encoding="utf-8").splitlines():
+        user, assistant = json.loads(line)["messages"]
+        seen = re.search(rf"(one|two|three|four) ({COLOUR_WORDS}) ({SHAPE_WORDS})s?\b", user["content"]).groups()
+        asked = re.search(rf"(?:an?|any) ({COLOUR_WORDS}) ({SHAPE_WORDS})", user["content"]).groups()
+        verdict = "yes" if asked == seen[1:] else "no"
+        evidence = re.match(r"I see (\w+) (\w+) (\w+?)s?, so (yes|no)\.$", assistant["content"]).groups()
+        assert evidence == (*seen, verdict), (user, assistant)
+        verdicts[verdict] += 1
+    assert 0.4 <= verdicts["yes"] / 400 <= 0.6
+    assert write_compare_set(tmp_path / "again", 400, seed=5).read_bytes() == data_file.read_bytes()
