@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Prepared run for a lent NVIDIA GPU (about 6 minutes): the default model's training on the GPU, with Iris's own
+# Prepared run for a lent NVIDIA GPU (planned at about 6 minutes): the default model's training on the GPU, with Iris's own
 # commands, beside the shipped (CPU-trained) default on the same 600 held-out questions (seed 107, the suite the
 # README's default tables use). Two candidates train at once:
 #   112: LoRA + projector from the shipped weights at the shipped 112 px (a drop-in: same image tokens, same CPU cost)
 #        on a fresh pope-first 1-4 object set with the base LM's own text answers mixed in (bench/train_default.sh's
 #        distilled set; the text row checks what it cost);
 #   224: the recipe from a fresh base at 224 px (single objects, then the same set), as issue 10 asks of a GPU run.
-# Weights are worth committing only if their row beats the shipped one. Phases: `prep` (bases and data, CPU only:
+# Weights are worth committing only if their row beats the shipped one. On the first lease (README, "GPU") both
+# trainings were far slower than the GPU allows (8-10 samples/s; minutes spent outside the steps) and the lease ended
+# before they did: run bench/gpu_probe.py first. Phases: `prep` (bases and data, CPU only:
 # run it in the background while other benchmarks use the GPU), `train` (waits for prep), `eval`, or `all`.
 # Usage: bash bench/gpu_default.sh PHASE [WORK]    (on a lent machine after `. bench/gpu_unpack.sh`; here after
 # `make setup`, which also runs it, slowly, on a CPU: MINUTES=0.3 SAMPLES=200 PER_SKILL=3 for a dry run)

@@ -6,8 +6,14 @@
 #              the embedded default's halves split in pieces: the SmolLM2 GGUF (94 MiB) and DINOv2's first 8 layers
 #              as fp16 (30 MiB; the default composes only those, and the builder reads them back as fp32), plus
 #              the distilled text set for training (TEXT_SET, made with `iris data distill` if absent).
-# Call 1 carries .whl and .gpu/a, call 2 .gpu/b, call 3 .gpu/c; each starts with `bash bench/gpu_unpack.sh`, which
-# installs and reassembles once every piece is there (the machine keeps files between calls while it is warm).
+# Call 1 carries .whl and .gpu/a, call 2 .gpu/b, call 3 .gpu/c; each starts with `. bench/gpu_unpack.sh`, which
+# installs and reassembles once every piece is there (the machine keeps files between calls while it is warm, 30 s:
+# have the next call ready). The calls (the first lease ran 1, 2 and 3 without the probe, which came after it: README,
+# "GPU"):
+#   1. `. bench/gpu_unpack.sh; python3 bench/gpu_report.py`                       (92 s with the machine's start)
+#   2. `. bench/gpu_unpack.sh`                                                       (seconds)
+#   3. `. bench/gpu_unpack.sh; python3 bench/gpu_probe.py; SKIP_REPORT=1 bash bench/gpu.sh;`
+#      `bash bench/gpu_default.sh all /tmp/w`  (TEXT_SET=$SITE/pieces/text; put each output under $OUT as it ends)
 # Usage: bash bench/gpu_payload.sh    (after `make setup`; needs the converted tower in the cache: run `iris ask` once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
