@@ -26,7 +26,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -39,6 +38,7 @@ from assistant.lean_decode import lean_token_step
 from assistant.messages import BASE_MODEL, ImageAttachment, Message
 from assistant.model import LoadedModel, attach_adapter, detach_adapter
 from assistant.prompt import PromptRenderer
+from assistant.threads import torch_threads
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
 _DEVICE_LOCKS_GUARD = threading.Lock()
@@ -63,22 +63,6 @@ def generation_kwargs(options: GenerationOptions) -> dict[str, Any]:
 # What the language model alone takes: anything else (pixel values, image sizes, M-RoPE positions) needs the
 # family's own forward, through ``generate``.
 LANGUAGE_MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "inputs_embeds"})
-
-
-@contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` intra-op threads (None: leave it), restoring the process-wide setting afterwards."""
-    import torch
-
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _language_model_step(model: Any, vision: bool) -> Callable[..., Any]:
@@ -334,7 +318,7 @@ class LocalBackend:
             if self.loaded.device == "cpu" and set(inputs) <= LANGUAGE_MODEL_INPUTS:
                 yield from self._decode_here(inputs, hit, cache_key, options, adapter)
             else:
-                with _torch_threads(1 if self._one_thread else None):
+                with torch_threads(1 if self._one_thread else None):
                     yield from self._generate_in_worker(inputs, hit, cache_key, options, adapter)
 
     def _decode_here(self, inputs: dict[str, Any], hit: PrefixHit | None, cache_key: tuple[int, ...] | None,
@@ -363,7 +347,7 @@ class LocalBackend:
                     logits = step(kv_cache, input_ids=sequence[:, done:])
             consistent = True
             threads = self._thread_chooser()
-            with _torch_threads(torch.get_num_threads() if threads else 1 if self._one_thread else None):
+            with torch_threads(torch.get_num_threads() if threads else 1 if self._one_thread else None):
                 while True:  # tokens: see ``stream``
                     with torch.inference_mode():
                         token = pick(sequence, logits)

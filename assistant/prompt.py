@@ -13,6 +13,7 @@ from typing import Any
 
 from assistant.caches import DecodedImageCache
 from assistant.messages import ImageAttachment, Message, Role
+from assistant.threads import one_thread
 from assistant.vision import to_pil
 
 
@@ -83,7 +84,8 @@ class PromptRenderer:
         text = self.text(messages, add_generation_prompt)
         images = [self._decode(image) for m in messages for image in m.images]
         if self.processor is not None and images:
-            return dict(self.processor(text=text, images=images, return_tensors="pt", add_special_tokens=False))
+            with one_thread():
+                return dict(self.processor(text=text, images=images, return_tensors="pt", add_special_tokens=False))
         return dict(self.tokenizer(text, return_tensors="pt", add_special_tokens=False))
 
     def encode_expanded(self, messages: Sequence[Message], image_token_id: int) -> dict[str, Any] | None:
@@ -134,8 +136,9 @@ class PromptRenderer:
             return 0
         if image.sha256 not in self._image_extra:
             assert self.processor is not None
-            expanded = self.processor(text=marker, images=[self._decode(image)], return_tensors="pt",
-                                      add_special_tokens=False)
+            with one_thread():
+                expanded = self.processor(text=marker, images=[self._decode(image)], return_tensors="pt",
+                                          add_special_tokens=False)
             plain = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
             self._image_extra[image.sha256] = int(expanded["input_ids"].shape[-1]) - len(plain)
         return self._image_extra[image.sha256]

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from assistant.config import BackendOptions, ModelOptions, Paths, Settings, load_settings
 from assistant.dialogue import ChatBackend, DialogueManager
 from assistant.store import Store
+from assistant.threads import one_thread
 from cli.terminal import make_console, styled
 
 
@@ -52,14 +53,8 @@ def loading_on_one_thread() -> Iterator[None]:
     so that parallel ATen ops run inline and leave no OpenMP team here. A team left behind by the loading thread
     slows every 2-thread int4 decode step of an answering thread about twofold (22-24 ms against 11.4 on 2 cores:
     assistant/decode_threads.py)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def open_backend(settings: Settings, paths: Paths) -> ChatBackend:

@@ -55,6 +55,36 @@ def test_vision_model_is_detected_and_counts_true_image_cost(model_dirs: dict[st
     assert "".join(backend.stream(messages, GREEDY))
 
 
+def test_image_preprocessing_runs_on_one_thread_and_restores_the_setting(model_dirs: dict[str, Path],
+                                                                        sample_png: Path) -> None:
+    """The processor's small tensor ops (resize, normalise) run without an OpenMP team: on a busy machine a team
+    waits for cores at each op (assistant/threads.py). Counting and encoding both take that path."""
+    from assistant.prompt import PromptRenderer
+
+    loaded = load(ModelOptions(model=str(model_dirs["llava"]), quant="none"), Paths.default())
+    seen: list[int] = []
+    processor = loaded.processor
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(processor, name)
+
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            seen.append(torch.get_num_threads())
+            return processor(*args, **kwargs)
+
+    renderer = PromptRenderer(loaded.tokenizer, Spy())
+    image = load_image_path(sample_png)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert renderer.count(_user("what is this?", image)) == renderer.encode(_user("what is this?", image))[
+            "input_ids"].shape[-1]
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_4bit_load_has_linear4bit_layers_and_keeps_the_vision_tower_full_precision(
         model_dirs: dict[str, Path], sample_png: Path) -> None:
     import bitsandbytes as bnb
