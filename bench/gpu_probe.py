@@ -1,7 +1,9 @@
 """Where a turn's time goes on this machine's accelerator: a short probe for a lent GPU, printed as it goes.
 
 On the first lease (README, "GPU"), Iris's own paths ran far below the GPU's speed: bench/turns.py did not finish one
-20-turn conversation in 145 s, and `iris train` stepped at 8-10 samples/s. This prints, for the default model in
+20-turn conversation in 145 s, and `iris train` stepped at 8-10 samples/s. One cause was found after it, on a CPU:
+image preprocessing's small ops on an OpenMP team, which waits for cores at each op on a busy machine (now on one
+thread: assistant/threads.py). This prints that op's cost on all threads and on one, then, for the default model in
 4-bit and in full precision: load seconds, the first token's latency and the decode rate of a text turn and an image
 turn, then the hottest functions of one 4-bit image turn (cProfile, by own time), so the next lease starts from a
 cause. Run: ``python bench/gpu_probe.py`` (on a CPU it probes the CPU).
@@ -27,6 +29,7 @@ from assistant.engine import LocalBackend  # noqa: E402
 from assistant.messages import ImageAttachment  # noqa: E402
 from assistant.model import load  # noqa: E402
 from assistant.store import Store  # noqa: E402
+from assistant.threads import torch_threads  # noqa: E402
 from bench.overhead import astronaut  # noqa: E402
 
 NEW_TOKENS = 32
@@ -53,6 +56,14 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, CUDA {torch.cuda.is_available()}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} intra-op threads", flush=True)
+    values = torch.rand(3, 224, 224)  # one image's worth of the processor's small ops (assistant/threads.py)
+    for threads in (torch.get_num_threads(), 1):
+        with torch_threads(threads):
+            started = time.perf_counter()
+            for _ in range(200):
+                values.sub(0.5).div(0.25).contiguous()
+            print(f"a 3x224x224 normalise on {threads} thread(s): {(time.perf_counter() - started) / 200 * 1e3:.3f} ms",
+                  flush=True)
     paths = Paths.default()
     image = astronaut()
     with tempfile.TemporaryDirectory() as work:
