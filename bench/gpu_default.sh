@@ -3,8 +3,9 @@
 # commands, beside the shipped (CPU-trained) default on the same 600 held-out questions (seed 107, the suite the
 # README's default tables use). Two candidates train at once:
 #   112: LoRA + projector from the shipped weights at the shipped 112 px (a drop-in: same image tokens, same CPU cost)
-#        on a fresh pope-first 1-4 object set with the base LM's own text answers mixed in (bench/train_default.sh's
-#        distilled set; the text row checks what it cost);
+#        on a fresh 1-4 object set (yes/no answers naming what is seen, then the verdict) with text-only yes/no
+#        samples and the base LM's own text answers mixed in (bench/train_default.sh's sets; the text row checks
+#        what it cost);
 #   224: the recipe from a fresh base at 224 px (single objects, then the same set), as issue 10 asks of a GPU run.
 # Weights are worth committing only if their row beats the shipped one. On the first lease (README, "GPU") both
 # trainings were far slower than the GPU allows (8-10 samples/s; minutes spent outside the steps) and the lease ended
@@ -28,7 +29,8 @@ export HF_HUB_OFFLINE=1
 mkdir -p "$WORK"
 step() { echo "== $(date +%H:%M:%S) $*"; }
 lora=(--stage lora --batch-size "$BATCH" --lora-r "$LORA_R" --lora-alpha $((LORA_R * 2)))
-mix=(--mix "$TEXT_SET" --mix "$TEXT_SET" --mix "$TEXT_SET")  # each text sample seen three times per epoch
+# each distilled text sample seen three times per epoch, beside text-only yes/no samples (the comparing half)
+mix=(--mix "$WORK/compare" --mix "$TEXT_SET" --mix "$TEXT_SET" --mix "$TEXT_SET")
 
 prep() {
     step "prep: bases at 112 and 224 px, the held-out suite, single objects, $SAMPLES pope-first samples"
@@ -42,6 +44,7 @@ prep() {
         --seed 107 &
     [ -d "$WORK/single" ] || "${iris[@]}" data synth --out "$WORK/single" --n 4000 --max-objects 1 --seed 101 &
     [ -d "$WORK/shapes" ] || "${iris[@]}" data synth --out "$WORK/shapes" --n "$SAMPLES" --seed 110 &
+    [ -d "$WORK/compare" ] || "${iris[@]}" data synth --compare --out "$WORK/compare" --n $((SAMPLES / 2)) --seed 112 &
     wait
     touch "$WORK/.prepared"
     step "prep done"

@@ -10,14 +10,17 @@
 #      trains the projector alone: the LM stays the base's, so its text answers are kept exactly, and on a CPU
 #      budget it learned more than projector-then-LoRA (bench/own_task.py). STAGE=auto adds LoRA, with the
 #      base LM's own text answers mixed in (self-distillation) so that it keeps them;
-#   4. `iris eval` on the held-out style (per skill, blank-image ablation, POPE yes/no) plus the text row.
+#   4. with YES_NO_MINUTES > 0, one LoRA stage (r8, + projector) on a fresh set whose yes/no answers name what is
+#      seen, then the verdict, with text-only yes/no samples (`iris data synth --compare`) and the distilled text;
+#   5. `iris eval` on the held-out style (per skill, blank-image ablation, POPE yes/no) plus the text row.
 # The weights to ship are the last stage's (WORK/stage5 with the defaults): projector.safetensors (+ the PEFT files
 # with LoRA) and iris_manifest.json.
 #
 # Usage: bash bench/train_default.sh WORK [MINUTES]     (CPU: about MINUTES + the FRESH_MINUTES + 15 minutes in all)
 # Knobs (environment): IMAGE_SIZE (112; the GPU script uses 224), VISION_LAYERS (8 of 12), FRESH_MINUTES ("30 45 35")
 # and FRESH_SAMPLES ("4000 7000 6000"), SINGLE and SHAPES (sample counts), TEXT (distilled
-# text samples) and TEXT_WEIGHT (times each is mixed in), BATCH, LORA_R, PER_SKILL (eval questions per skill), IRIS (the iris command).
+# text samples) and TEXT_WEIGHT (times each is mixed in), BATCH, LORA_R, YES_NO_MINUTES (0), PER_SKILL (eval questions
+# per skill), IRIS (the iris command).
 set -euo pipefail
 WORK=${1:?usage: bash bench/train_default.sh WORK [MINUTES]}
 MINUTES=${2:-60}
@@ -33,6 +36,7 @@ BATCH=${BATCH:-8}
 LORA_R=${LORA_R:-8}
 STAGE=${STAGE:-projector}
 PER_SKILL=${PER_SKILL:-40}
+YES_NO_MINUTES=${YES_NO_MINUTES:-0}
 IRIS=${IRIS:-.venv/bin/iris}
 export HF_HUB_OFFLINE=1
 cd "$(dirname "$0")/.."
@@ -67,5 +71,15 @@ for index in "${!fresh_minutes[@]}"; do
     $IRIS train "$shapes" "${mix[@]}" "${common[@]}" --from "$WORK/stage$((stage - 1))" --out "$WORK/stage$stage" \
         --max-minutes "${fresh_minutes[$index]}"
 done
+if [ "$YES_NO_MINUTES" != 0 ]; then  # LoRA + projector on yes/no answers that name what is seen, then compare
+    stage=$((stage + 1))
+    [ -d "$WORK/text" ] || { step "text answered by the base LM"; $IRIS data distill --out "$WORK/text" --n "$TEXT" --seed 103 --max-new-tokens 80; }
+    [ -d "$WORK/shapes$stage" ] || { step "a fresh 1-4 object set"; $IRIS data synth --out "$WORK/shapes$stage" --n 6000 --seed 111; }
+    [ -d "$WORK/compare" ] || { step "text-only yes/no samples"; $IRIS data synth --compare --out "$WORK/compare" --n 3000 --seed 112; }
+    step "stage $stage: LoRA r8 + projector, from stage $((stage - 1)), ${YES_NO_MINUTES} min"
+    $IRIS train "$WORK/shapes$stage" --mix "$WORK/compare" --mix "$WORK/text" --mix "$WORK/text" --mix "$WORK/text" \
+        -m "$WORK/base" --stage lora --batch-size "$BATCH" --lora-r 8 --lora-alpha 16 --lr-lora 5e-4 --lr-projector 5e-4 \
+        --from "$WORK/stage$((stage - 1))" --out "$WORK/stage$stage" --max-minutes "$YES_NO_MINUTES"
+fi
 step "eval on the held-out style"
 $IRIS eval "$WORK/heldout" -m "$WORK/base" --adapter "$WORK/stage$stage" --text | tee "$WORK/eval.txt"
