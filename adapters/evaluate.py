@@ -207,13 +207,13 @@ def score(items: Sequence[EvalItem], answers: Sequence[str]) -> Score:
 
 
 def confusion(items: Sequence[EvalItem], answers: Sequence[str]) -> dict[str, dict[str, int]]:
-    """For short references: reference label → answered label → count."""
-    labelled = [(short_label(i), a) for i, a in zip(items, answers, strict=True)]
-    labels = sorted({label for label, _ in labelled if label is not None})
+    """For short references: reference label → answered label → count (a yes/no answer's label is its verdict)."""
+    labelled = [(short_label(i), _polar(i.reference) is not None, a) for i, a in zip(items, answers, strict=True)]
+    labels = sorted({label for label, _, _ in labelled if label is not None})
     table: dict[str, Counter[str]] = defaultdict(Counter)
-    for label, answer in labelled:
+    for label, polar, answer in labelled:
         if label is not None:
-            table[label][answered_label(answer, labels)] += 1
+            table[label][(_yes_no(answer) or OTHER) if polar else answered_label(answer, labels)] += 1
     return {label: dict(counts.most_common()) for label, counts in sorted(table.items())}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from assistant.builders.default_model import (
+    SHIPPED_ADAPTER,
     default_model_path,
     embedded_gguf_path,
     with_default_model,  # noqa: E402
@@ -67,6 +68,29 @@ def test_the_default_model_sees(real_paths: Paths, tmp_path: Path) -> None:
         right["shape"] += scene["shape"] in answer
         right["side"] += f"the {scene['side']}" in answer
     assert right["shape"] >= 6 and right["side"] >= 6, right
+
+
+def test_the_default_answers_yes_no_from_the_image(real_paths: Paths, tmp_path: Path) -> None:
+    """The shipped LoRA is attached unmerged on the CPU's int4 weights (merged, int4 rounding erased it: yes/no fell
+    to chance), and its yes/no answers follow the picture: the object shown, and one differing in colour."""
+    import json
+
+    from adapters.synth import COLOURS, synthesize
+    from assistant.vision import load_image_path
+
+    assert with_default_model(ModelOptions(adapters=("mine",)), real_paths).adapters == ("mine",)
+    dataset = synthesize(tmp_path / "unseen", 6, seed=778).parent
+    backend = LocalBackend(load(with_default_model(ModelOptions(), real_paths), real_paths))
+    assert list(backend.loaded.adapters) == [SHIPPED_ADAPTER] and backend.loaded.quant == "int4"
+    verdicts = []
+    for record in json.loads((dataset / "dataset.json").read_text()):
+        image, scene = load_image_path(dataset / record["image"]), record["scene"]
+        other = next(colour for colour in COLOURS if colour != scene["colour"])
+        for colour, expected in ((scene["colour"], "yes"), (other, "no")):
+            answer = "".join(backend.stream([Message(Role.USER, f"Is there a {colour} {scene['shape']}?", (image,))],
+                                            GenerationOptions(temperature=0, max_new_tokens=16)))
+            verdicts.append(answer.rstrip(".").split()[-1] == expected)
+    assert sum(verdicts) >= 10, verdicts
 
 
 def test_real_model_streams_word_by_word(real_paths: Paths) -> None:

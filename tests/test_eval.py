@@ -84,6 +84,9 @@ def test_a_yes_no_answer_is_judged_by_its_verdict() -> None:
         [True, True, True, True, False]
     assert not keyword_match("I see no red circle, so yes.", "no")
     assert score(polar, answers).yes_rate == pytest.approx(2 / 5)
+    counted = [_item("2"), _item("no")]
+    assert confusion(counted, ["I see two circles.", "I see two red circles, so no."]) == {"2": {"2": 1},
+                                                                                          "no": {"no": 1}}
 
 
 def test_questions_and_categories_from_both_formats(tmp_path: Path) -> None:
