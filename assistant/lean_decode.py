@@ -1,13 +1,15 @@
 """One decode token through a Llama-shaped language model, without transformers' per-module machinery.
 
 On a CPU a decode step of a 135M model is about a thousand tiny kernels, and the Python around them (module calls,
-decorators, keyword plumbing, mask and position bookkeeping per layer) cost a quarter of the step (21 ms against
-17 ms on the default model). ``lean_token_step`` computes what transformers' Llama code computes for one new token
-with as few kernels as give the same numbers: one ``rms_norm`` per norm, q and k rotated together by a roll, q/k/v
-and gate/up as one product where their packed weights are stacked (``cpu_quant.PackedProduct``), every other projection
-through its module's ``forward`` (fp32, int8 and LoRA layers work as they are). The logits are the same bit for bit
-(tests/test_decode.py; default model, one thread: 16.4-17.0 -> 15.1-15.6 ms a step). Anything else (other
-families, RoPE scaling, hooks, several tokens, other dtypes than fp32) takes the model's own forward.
+decorators, keyword plumbing, mask and position bookkeeping per layer) cost a quarter of the step (21 ms against 17
+ms on the default model). ``lean_token_step`` computes what transformers' Llama code computes for one new token with
+as few kernels as give the same numbers: one ``rms_norm`` per norm, q and k rotated together by a roll, q/k/v and
+gate/up as one product where their packed weights are stacked (``cpu_quant.PackedProduct``), every other projection
+through its module's ``forward`` (fp32 and int8 layers work as they are). A LoRA adapter's terms are added as two
+plain products per layer: through PEFT's wrappers the default model's shipped LoRA halved the decode rate. The
+logits are the same bit for bit (tests/test_decode.py; default model, one thread: 16.4-17.0 -> 15.1-15.6 ms a step).
+Anything else (other families, RoPE scaling, hooks, several tokens, other dtypes than fp32) takes the model's own
+forward.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def lean_token_step(model: Any) -> Callable[[Any, Any], Any] | None:
     embed, inv_freq = decoder.embed_tokens.forward, decoder.rotary_emb.inv_freq.float()
     epsilon = decoder.config.rms_norm_eps  # every LlamaRMSNorm's
     layers = [(layer.input_layernorm.weight, _stacked(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-               layer.self_attn.o_proj.forward, layer.post_attention_layernorm.weight,
-               _stacked(layer.mlp, ("gate_proj", "up_proj")), layer.mlp.down_proj.forward)
+               _stacked(layer.self_attn, ("o_proj",)), layer.post_attention_layernorm.weight,
+               _stacked(layer.mlp, ("gate_proj", "up_proj")), _stacked(layer.mlp, ("down_proj",)))
               for layer in decoder.layers]
     split = decoder.config.intermediate_size
 
@@ -96,14 +98,64 @@ def lean_token_step(model: Any) -> Callable[[Any, Any], Any] | None:
 
 def _stacked(parent: Any, names: tuple[str, ...]) -> Callable[[Any], Any]:
     """The outputs of ``parent``'s layers ``names`` on one input, side by side: one product where the layers are
-    stacked packed siblings (``cpu_quant.PackedProduct``), each layer's own forward otherwise (LoRA, int8, fp32)."""
+    stacked packed siblings (``cpu_quant.PackedProduct``), each layer's own forward otherwise (int8, fp32); a LoRA
+    wrapper's active adapters added as plain products (``_low_rank_terms``), its own forward where it needs it."""
     import torch
 
     layers = [getattr(parent, name) for name in names]
-    product = getattr(layers[0], "product", None)
-    if product is not None and all(getattr(layer, "product", None) is product and layer.part == part
-                                   for part, layer in enumerate(layers)) and len(product.sizes) == len(layers):
+    unwrapped = [_low_rank_terms(layer) for layer in layers]
+    if any(found is None for found in unwrapped):
+        forwards = [layer.forward for layer in layers]
+        return forwards[0] if len(forwards) == 1 else lambda x: torch.cat([forward(x) for forward in forwards], dim=-1)
+    bases = [base for base, _ in unwrapped]  # type: ignore[misc]
+    terms = [found_terms for _, found_terms in unwrapped]  # type: ignore[misc]
+    product = getattr(bases[0], "product", None)
+    if product is not None and all(getattr(base, "product", None) is product and base.part == part
+                                   for part, base in enumerate(bases)) and len(product.sizes) == len(bases):
         multiply, packed = product.kernel, product.packed
-        return lambda x: multiply(x, packed)
-    forwards = [layer.forward for layer in layers]
-    return lambda x: torch.cat([forward(x) for forward in forwards], dim=-1)
+        outputs: Callable[[Any], Any] = lambda x: multiply(x, packed)  # noqa: E731
+    else:
+        forwards = [base.forward for base in bases]
+        outputs = forwards[0] if len(forwards) == 1 else lambda x: torch.cat([forward(x) for forward in forwards], -1)
+    if not any(terms):
+        return outputs
+    ends = [sum(base.out_features for base in bases[:index + 1]) for index in range(len(bases))]
+    columns = [(end - base.out_features, end, found) for base, end, found in zip(bases, ends, terms, strict=True)
+               if found]
+    return lambda x: _plus_terms(outputs(x), x, columns)
+
+
+def _plus_terms(result: Any, x: Any, columns: list[tuple[int, int, list[tuple[Any, Any, float]]]]) -> Any:
+    """``result`` with each sibling's columns plus its adapters' ``lora_B(lora_A(x)) * scaling``, added in PEFT's
+    order, so the sum is PEFT's bit for bit."""
+    from torch.nn.functional import linear
+
+    result = result.clone()  # a packed product may hand out a view of what its siblings read too
+    for start, end, found in columns:
+        for down, up, scaling in found:
+            result[..., start:end] += linear(linear(x, down), up) * scaling
+    return result
+
+
+def _low_rank_terms(layer: Any) -> tuple[Any, list[tuple[Any, Any, float]]] | None:
+    """(the layer under a PEFT LoRA wrapper, the (lora_A, lora_B, scaling) of each active adapter); the layer itself
+    and no terms when it is not wrapped or its adapters are off; None where only PEFT's forward computes it
+    (merged, training, DoRA and other variants, a LoRA bias, weights other than fp32)."""
+    import torch
+
+    if not hasattr(layer, "lora_A") or not hasattr(layer, "base_layer"):
+        return layer, []
+    if layer.disable_adapters:
+        return layer.base_layer, []
+    if layer.merged or layer.training:
+        return None
+    terms = []
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if (name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False)
+                or down.dtype != torch.float32 or up.dtype != torch.float32):
+            return None
+        terms.append((down, up, layer.scaling[name]))
+    return layer.base_layer, terms

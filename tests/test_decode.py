@@ -4,6 +4,7 @@ cold and continuing a stored prefix KV cache, every VLM family's text turn, and 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +304,34 @@ def test_a_llama_decoders_token_step_gives_its_own_forwards_logits(model_dirs: d
                 ids = torch.tensor([[token]])
                 assert torch.equal(token_step(lean_cache, ids), module_step(module_cache, input_ids=ids))
         assert lean_cache.get_seq_length() == module_cache.get_seq_length() == 25
+
+
+def test_a_lora_adds_its_terms_without_peft_s_wrappers_and_switches_off(model_dirs: dict[str, Path],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token step adds an active adapter's low-rank terms itself (PEFT's wrapper forwards halved the default
+    model's decode rate) and skips the wrappers when adapters are off, with PEFT's logits either way."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from assistant.engine import _growing_cache, _language_model_step
+    from assistant.lean_decode import lean_token_step
+
+    model = load(ModelOptions(model=str(model_dirs["llama"]), quant="int4", adapters=(str(model_dirs["lora"]),)),
+                 Paths.default()).model
+    wrapped = LoraLinear.forward
+    calls: list[object] = []
+    monkeypatch.setattr(LoraLinear, "forward", lambda self, *args, **kwargs: calls.append(self) or wrapped(
+        self, *args, **kwargs))
+    for scope in (contextlib.nullcontext, model.disable_adapter):
+        with scope(), torch.inference_mode():
+            token_step, module_step = lean_token_step(model), _language_model_step(model, False)
+            assert token_step is not None
+            caches = [_growing_cache(model.config.get_text_config(decoder=True)) for _ in range(2)]
+            for cache in caches:
+                module_step(cache, input_ids=torch.arange(5, 15).view(1, -1))
+            calls.clear()
+            lean = token_step(caches[0], torch.tensor([[9]]))
+            assert calls == []
+            assert torch.equal(lean, module_step(caches[1], input_ids=torch.tensor([[9]]))) and calls
 
 
 def test_other_decoders_and_hooked_ones_take_the_modules_path(model_dirs: dict[str, Path], tmp_path: Path) -> None:
