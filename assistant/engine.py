@@ -309,6 +309,8 @@ class LocalBackend:
         import torch
 
         adapter = self.resolve_adapter(adapter)
+        if adapter in self.loaded.images_only and not any(message.images for message in messages):
+            adapter = None  # trained for pictures: a text-only conversation gets the base model's own answers
         with self._lock, self._adapter_scope(adapter):
             with torch.inference_mode():
                 inputs, cache_key = self._inputs(messages, adapter)

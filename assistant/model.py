@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from assistant.adapter_files import check_adapter_dir, check_adapter_weights, load_projector
+from assistant.adapter_files import check_adapter_dir, check_adapter_weights, load_projector, read_manifest
 from assistant.architecture import Architecture, describe
 from assistant.config import ModelOptions, Paths
 from assistant.cpu_quant import half_weights_supported, int4_weights_supported, quantize_int8, quantize_packed
@@ -50,6 +50,7 @@ class LoadedModel:
     fingerprint: str
     adapters: dict[str, str] = field(default_factory=dict)  # adapter name → path
     active_adapter: str | None = None
+    images_only: set[str] = field(default_factory=set)  # adapters whose manifest says so: text-only turns skip them
 
     @property
     def accepts_images(self) -> bool:
@@ -308,6 +309,8 @@ def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = No
     loaded.model.eval()
     loaded.adapters[name] = str(path)
     loaded.active_adapter = name
+    if (read_manifest(path) or {}).get("images_only") is True:
+        loaded.images_only.add(name)
     return name
 
 
@@ -358,6 +361,7 @@ def detach_adapter(loaded: LoadedModel, name: str) -> None:
         raise BadAdapter(f"no adapter named {name!r} is loaded (loaded: {', '.join(loaded.adapters) or 'none'})")
     loaded.model.delete_adapter(name)
     del loaded.adapters[name]
+    loaded.images_only.discard(name)
     if not loaded.adapters:
         loaded.model = loaded.model.unload()
         loaded.model.eval()

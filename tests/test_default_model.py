@@ -82,6 +82,7 @@ def test_the_default_answers_yes_no_from_the_image(real_paths: Paths, tmp_path: 
     dataset = synthesize(tmp_path / "unseen", 6, seed=778).parent
     backend = LocalBackend(load(with_default_model(ModelOptions(), real_paths), real_paths))
     assert list(backend.loaded.adapters) == [SHIPPED_ADAPTER] and backend.loaded.quant == "int4"
+    assert backend.loaded.images_only == {SHIPPED_ADAPTER}  # text-only conversations: the base LM's own answers
     verdicts = []
     for record in json.loads((dataset / "dataset.json").read_text()):
         image, scene = load_image_path(dataset / record["image"]), record["scene"]

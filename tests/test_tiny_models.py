@@ -85,6 +85,26 @@ def test_image_preprocessing_runs_on_one_thread_and_restores_the_setting(model_d
         torch.set_num_threads(before)
 
 
+def test_an_images_only_adapter_sits_out_text_only_conversations(model_dirs: dict[str, Path], sample_png: Path,
+                                                                  tmp_path: Path) -> None:
+    """An adapter whose manifest says ``images_only`` (the default model's shipped LoRA) answers conversations with
+    a picture; a text-only one gets the base model's own answer, and unloading forgets the flag."""
+    adapter = save_strong_lora(model_dirs["llava"], tmp_path / "seeing", seed=3, vision=True)
+    loaded = load(ModelOptions(model=str(model_dirs["llava"]), quant="none"), Paths.default())
+    (adapter / "iris_manifest.json").write_text(json.dumps({"images_only": True, "base_fingerprint":
+                                                            loaded.fingerprint}))
+    backend = LocalBackend(loaded)
+    image = load_image_path(sample_png)
+    base_text, base_image = ("".join(backend.stream(messages, GREEDY)) for messages in
+                             (_user("hello"), _user("what is this?", image)))
+    name = backend.load_adapter(str(adapter))
+    assert loaded.images_only == {name} and loaded.active_adapter == name
+    assert "".join(backend.stream(_user("hello"), GREEDY)) == base_text
+    assert "".join(backend.stream(_user("what is this?", image), GREEDY)) != base_image
+    backend.unload_adapter(name)
+    assert loaded.images_only == set()
+
+
 def test_4bit_load_has_linear4bit_layers_and_keeps_the_vision_tower_full_precision(
         model_dirs: dict[str, Path], sample_png: Path) -> None:
     import bitsandbytes as bnb
