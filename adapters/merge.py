@@ -20,7 +20,7 @@ from typing import Any
 
 from adapters.manifest import write_manifest
 from assistant.adapter_files import CONFIG_FILE, PROJECTOR_FILE, read_adapter_config, read_manifest
-from assistant.builders.default_model import with_default_model
+from assistant.builders.default_model import drop_shipped_lora, with_default_model
 from assistant.config import ModelOptions, Paths
 from assistant.errors import BadAdapter, BadSetting, one_line
 from assistant.messages import ImageAttachment, Message, Role
@@ -74,6 +74,7 @@ def merged(adapter_dir: Path, *, model: str | None = None, quant: str = "none", 
                              "--dequantize to merge into dequantized full-precision weights, or use --quant none")
         loaded.model = loaded.model.dequantize()
         loaded.quant = "none (dequantized from 4bit)"
+    drop_shipped_lora(loaded)
     name = attach_adapter(loaded, str(adapter_dir), trust_pickle=trust_pickle)
     if name in loaded.adapters:
         loaded.model = loaded.model.merge_and_unload()

