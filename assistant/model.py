@@ -240,7 +240,8 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
         # on the same GGUF), else fp16 (twice fp32's speed, the same greedy answers): assistant/cpu_quant.py,
         # bench/agreement.py; full precision elsewhere.
         quant = "4bit" if cuda else "none" if device != "cpu" else (
-            "int4" if int4_weights_supported() else "fp16" if half_weights_supported() else "none")
+            "int4" if int4_weights_supported() and not _merged_adapter(source) else
+            "fp16" if half_weights_supported() else "none")
     if quant in CPU_QUANTS and device != "cpu":
         raise BadSetting(f"--quant {quant} is a CPU path; on a GPU use 4bit or 8bit")
     if quant == "fp16" and not half_weights_supported() or quant == "int4" and not int4_weights_supported():
@@ -271,6 +272,17 @@ def load(options: ModelOptions, paths: Paths | None = None, progress: Progress =
             quantize_packed(loaded.model, architecture, quant)
         loaded.quant = quant
     return loaded
+
+
+def _merged_adapter(source: str) -> bool:
+    """Whether ``source`` is an ``iris adapters merge`` output: int4 packing would round its LoRA's small deltas back
+    to the base's own codes (the default's shipped LoRA, merged: yes/no 99% -> 53%), fp16 keeps them."""
+    path = Path(source)
+    try:
+        manifest = read_manifest(path) if path.is_dir() else None
+    except BadAdapter:  # a model's unreadable manifest is no reason to refuse the model
+        return False
+    return manifest is not None and manifest.get("kind") == "merged"
 
 
 def attach_adapter(loaded: LoadedModel, path_text: str, *, name: str | None = None,

@@ -154,6 +154,22 @@ def test_the_cpu_default_is_int4_for_the_language_model_only(tmp_path: Path) -> 
     assert info["memory_bytes"] < int(full.model.get_memory_footprint())
 
 
+@needs_int4
+def test_a_merged_adapter_loads_in_fp16_where_int4_would_round_its_deltas_away(tmp_path: Path) -> None:
+    """``--quant auto`` picks fp16 for an ``iris adapters merge`` output (int4 packing put the default's merged
+    LoRA back on the GGUF's codes: yes/no 99% -> 53%); named, int4 still loads; a broken manifest changes nothing."""
+    from adapters.merge import merge_adapter
+
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    merged = merge_adapter(save_strong_lora(model_dir, tmp_path / "lora", seed=2), tmp_path / "merged",
+                           model=str(model_dir))
+    assert load(ModelOptions(model=str(merged)), Paths.default()).quant == "fp16"
+    assert load(ModelOptions(model=str(merged), quant="int4"), Paths.default()).quant == "int4"
+    (merged / "iris_manifest.json").write_text("{not json")
+    assert load(ModelOptions(model=str(merged)), Paths.default()).quant == "int4"
+    assert load(ModelOptions(model=str(model_dir)), Paths.default()).quant == "int4"
+
+
 def test_int4_on_a_cpu_without_its_kernel_is_a_one_line_error(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import assistant.model
